@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 # pretrained model; a few hundred sequences pin the mean cosine and CKA down well enough.
 DRIFT_PAIRS = 256
 LENGTH_PERCENTILE = 95
+SCORES_FILE = "scores.npz"
 
 
 def _text_length(value: str | list[dict[str, Any]]) -> int:
@@ -48,6 +49,20 @@ def _training_curve(model_dir: str) -> list[dict[str, Any]]:
         if "drift" in record or "loss" in record:
             points.append({"step": record["step"], "drift": record.get("drift"), "loss": record.get("loss")})
     return points
+
+
+def _write_scores(path: Path, scores: dict[str, dict[str, PairScores]], infos: dict[str, EvalSetInfo]) -> Path:
+    """Save per-pair rewards (`<model>/<set>/chosen|rejected`) and prompt ids (`<set>/prompt_ids`),
+    so paired comparisons between any two models can be recomputed later."""
+    arrays: dict[str, np.ndarray] = {}
+    for model, by_set in scores.items():
+        for set_name, pair_scores in by_set.items():
+            arrays[f"{model}/{set_name}/chosen"] = np.asarray(pair_scores.r_chosen)
+            arrays[f"{model}/{set_name}/rejected"] = np.asarray(pair_scores.r_rejected)
+    for set_name, info in infos.items():
+        arrays[f"{set_name}/prompt_ids"] = np.asarray(info.prompt_ids)
+    np.savez_compressed(path, **arrays)
+    return path
 
 
 def evaluate_models(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
@@ -145,6 +160,7 @@ def evaluate_models(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
         n_bins=cfg.eval.ece_bins,
     )
     paths = write_report(report, ctx.out_dir)
+    paths["scores"] = _write_scores(ctx.out_dir / SCORES_FILE, scores, infos)
     table = format_table(report)
     (ctx.out_dir / "report.txt").write_text(table + "\n")
     logger.info("report written to %s", ctx.out_dir)
