@@ -49,7 +49,11 @@ def _run(job_type: str, args: argparse.Namespace) -> int:
     ctx = RunContext(out_dir=out_dir, resume=not args.restart, extra={"experiment": getattr(config, "name", job_type)})
     outputs = run_job(job_type, config, ctx)
     (out_dir / "outputs.json").write_text(json.dumps(outputs, indent=2, default=str))
-    report = outputs.get("report") if job_type == "pipeline" else outputs if job_type == "evaluate" else None
+    report = None
+    if job_type == "pipeline":
+        report = outputs.get("report")
+    elif job_type == "evaluate":
+        report = outputs
     if report and report.get("table"):
         print(report["table"])
         print(f"\nreport: {report['report']['markdown']}")

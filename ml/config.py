@@ -87,7 +87,7 @@ class LoraSpec(_Strict):
 
 
 class TrainConfig(_Strict):
-    """How one reward model is fine-tuned. Defaults follow common reward-model practice at small scale."""
+    """Fine-tuning settings of one reward model. Defaults follow common reward-model practice at small scale."""
 
     model: str = Field(description="Hub name, local model directory or .gguf file of the pretrained model.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training pairs; fractions allowed.")
@@ -137,7 +137,7 @@ def default_arms() -> list[ArmSpec]:
 
 
 class EvalConfig(_Strict):
-    """How trained models are compared."""
+    """Evaluation settings: eval lengths, batch size, bootstrap and calibration bins."""
 
     max_length: int | None = Field(
         None,

@@ -37,6 +37,17 @@ class RunContext:
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
 
+    def model_options(self) -> dict[str, bool]:
+        """Keyword arguments for `load_reward_model` from the operator's switches in `extra`.
+
+        Both stay off unless the process running the job (a worker configured by the operator)
+        sets them; job configs cannot turn them on.
+        """
+        return {
+            "trust_remote_code": bool(self.extra.get("allow_remote_code", False)),
+            "allow_pickle": bool(self.extra.get("allow_pickle", False)),
+        }
+
     def check_stop(self) -> None:
         if self.should_stop():
             raise JobCancelled(f"job {self.job_id or '(local)'} was cancelled")

@@ -33,7 +33,7 @@ def _text_length(value: str | list[dict[str, Any]]) -> int:
 
 
 def eval_max_length(renderer: Renderer, pairs: list[PreferencePair], cfg: EvaluateConfig) -> int:
-    """The configured max length, or the 95th percentile of the set's token lengths up to the cap."""
+    """Return the configured max length, or the 95th percentile of the set's token lengths up to the cap."""
     if cfg.eval.max_length is not None:
         return cfg.eval.max_length
     lengths = [renderer.length(p.prompt, p.chosen) for p in pairs] + [renderer.length(p.prompt, p.rejected) for p in pairs]
@@ -82,13 +82,13 @@ def evaluate_models(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
     # Eval lengths come from the strong model's tokenizer when there is one, so all rows of one set
     # are cut at the same length.
     reference_source = cfg.pretrained or next(iter(cfg.models.values()))
-    reference_tokenizer = load_reward_model(reference_source).tokenizer
+    reference_tokenizer = load_reward_model(reference_source, **ctx.model_options()).tokenizer
     renderer = Renderer(reference_tokenizer, max_length=1 << 20)
     max_lengths = {name: eval_max_length(renderer, pairs, cfg) for name, (_, pairs) in sets.items()}
 
     pretrained_reps: dict[str, np.ndarray] = {}
     if cfg.pretrained:
-        pretrained = load_reward_model(cfg.pretrained, device=device)
+        pretrained = load_reward_model(cfg.pretrained, device=device, **ctx.model_options())
         for name, (_, pairs) in sets.items():
             sample = pairs[:DRIFT_PAIRS]
             result = score_pairs(pretrained, sample, cfg.eval.batch_size, max_lengths[name], precision, layers=[-1], desc=f"pretrained {name}")
@@ -103,7 +103,7 @@ def evaluate_models(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
     done = 0
     for model_name, model_dir in cfg.models.items():
         ctx.check_stop()
-        rm = load_reward_model(model_dir, device=device)
+        rm = load_reward_model(model_dir, device=device, **ctx.model_options())
         same_backbone = cfg.pretrained is not None and rm.metadata.get("base_model") == cfg.pretrained
         scores[model_name] = {}
         for set_name, (_, pairs) in sets.items():

@@ -112,6 +112,7 @@ def run_pipeline(cfg: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
             should_stop=ctx.should_stop,
             resume=ctx.resume,
             job_id=ctx.job_id,
+            extra=ctx.extra,
         )
         outputs[stage.name] = run_job(stage.job_type, stage.config, stage_ctx)
     outputs["report"] = outputs[EVAL_STAGE]

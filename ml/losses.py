@@ -2,7 +2,7 @@
 
 Notation: r_c, r_r are the rewards of the chosen and rejected responses, shape [B]; Δ = r_c − r_r;
 p ∈ [0, 1] is the (weak) probability that the chosen response is preferred; σ is the logistic
-function. Every function returns a scalar (mean over the batch) unless it says otherwise.
+function. Every function returns a scalar (mean over the batch) unless its docstring gives another shape.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 def bradley_terry_loss(delta: torch.Tensor, p: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """Soft-label Bradley-Terry loss: mean of −[p·log σ(Δ − m) + (1 − p)·log σ(−Δ − m)].
 
-    With p = 1 this is the usual −log σ(r_c − r_r − m). The margin m ≥ 0 asks the preferred side to
-    win by at least m reward units in either direction. Shapes: delta [B], p [B] → scalar.
+    With p = 1 this is the usual −log σ(r_c − r_r − m). The margin m ≥ 0 makes the preferred side
+    win by at least m reward units before its term flattens, in either direction. Shapes: delta [B], p [B] → scalar.
     """
     p = p.to(delta.dtype)
     return -(p * F.logsigmoid(delta - margin) + (1 - p) * F.logsigmoid(-delta - margin)).mean()

@@ -101,8 +101,8 @@ def load_reward_model(
         common["gguf_file"] = gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        # A backbone without a trained head gets a freshly initialised one; transformers warns
-        # about it on every load, which is expected here and not worth the noise.
+        # A backbone without a trained head gets a freshly initialised one. transformers warns about
+        # that on every load, so its logging is lowered while loading.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:

@@ -37,6 +37,7 @@ from ml.modeling import (
     reward_forward,
     save_reward_model,
 )
+from ml.ood import summarize_training_set
 from ml.render import Encoded, Renderer, pad_batch
 from ml.scoring import score_pairs
 
@@ -259,7 +260,7 @@ def train_reward_model(
     set_seed(cfg.seed)
     device = default_device()
     precision = resolve_precision(cfg.precision, device)
-    rm = load_reward_model(cfg.model, device=device)
+    rm = load_reward_model(cfg.model, device=device, **ctx.model_options())
     if not cfg.dropout:
         disable_dropout(rm.model)
     renderer = Renderer(rm.tokenizer, cfg.max_length)
@@ -332,11 +333,13 @@ def train_reward_model(
     rm = RewardModel(model=trained, tokenizer=rm.tokenizer, source=cfg.model, metadata={})
 
     normalization = None
+    ood_summary = None
     if heldout:
         sample = list(heldout[:NORMALIZATION_PAIRS])
         scores = score_pairs(rm, sample, max_length=cfg.max_length, precision=precision, desc="normalization")
         values = np.concatenate([scores.chosen, scores.rejected])
         normalization = {"mean": float(values.mean()), "std": float(values.std() or 1.0), "n": int(values.size)}
+        ood_summary = summarize_training_set(rm, pairs, sample, cfg.max_length, precision, seed=cfg.seed)
 
     train_metrics = {
         "train_loss": float(result.training_loss),
@@ -351,6 +354,7 @@ def train_reward_model(
         "training_config": cfg.model_dump(),
         "labels": labels,
         "normalization": normalization,
+        "ood": ood_summary,
         "train_metrics": train_metrics,
         "train_prompt_ids": sorted({p.prompt_id for p in pairs}),
         **(metadata or {}),

@@ -91,7 +91,7 @@ def weak_label(cfg: WeakLabelConfig, ctx: RunContext) -> dict[str, Any]:
         max_length, precision = cfg.eval.max_length or 512, cfg.eval.precision
 
     ctx.check_stop()
-    rm = load_reward_model(model_dir, device=default_device())
+    rm = load_reward_model(model_dir, device=default_device(), **ctx.model_options())
     trained_on = set(rm.metadata.get("train_prompt_ids", []))
     overlap = trained_on & {p.prompt_id for p in split_b}
     if overlap:

@@ -1,0 +1,22 @@
+"""Schemas shared by several resources."""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, Field
+
+Item = TypeVar("Item")
+
+# Page sizes of list routes: default and maximum items per page.
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+
+
+class Page(BaseModel, Generic[Item]):
+    """One page of a list, with the number of matching items before paging."""
+
+    items: list[Item]
+    total: int = Field(description="Matching items before paging.")
+    limit: int = Field(description="Maximum items per page, as requested.")
+    offset: int = Field(description="Items skipped before this page.")

@@ -1,0 +1,183 @@
+"""The scoring service: `uvicorn app.scoring_main:app --port 8001`.
+
+It serves registered reward models over HTTP (/v1/score, /v1/compare, OpenRLHF's /get_reward) from
+one `ml.serving.ScoringEngine`, checks bearer keys with the 'score' scope against the same
+database as the jobs API, and resolves model ids and aliases through the same model registry.
+Run it as one process (one uvicorn worker): each process loads its own copy of every model.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.routes import scoring
+from app.errors import PayloadTooLarge, error_response, install_error_handlers
+from app.services.references import find_model
+from ml.serving import ModelNotFound, ModelRef, ModelResolver, ScoringEngine, ServingConfig
+from workers.db import JobStore, upgrade_database
+from workers.settings import Settings, get_settings
+
+logger = logging.getLogger("app.scoring")
+
+DESCRIPTION = """Reward scoring for RLHF loops: dynamic batching across concurrent clients, raw and
+normalized rewards, an out-of-distribution flag, and OpenRLHF's remote reward protocol.
+
+Every request except health needs `Authorization: Bearer <key>` with the 'score' scope
+(`/get_reward` also takes the key as the HTTP Basic password). Every error has the body
+`{"error": {"code", "message", "field", "value", "fix"}}`."""
+
+
+class RegistryResolver:
+    """Resolves model ids and aliases through the model registry of the job database."""
+
+    def __init__(self, store: JobStore):
+        self.store = store
+
+    def resolve(self, name: str) -> ModelRef:
+        row = find_model(self.store, name)
+        if row is None:
+            raise ModelNotFound(name)
+        return ModelRef(id=row.id, path=row.path, name=row.name)
+
+
+def serving_config(settings: Settings) -> ServingConfig:
+    """Build the engine settings from the W2S_SCORING_* settings."""
+    if settings.scoring_max_items > settings.scoring_max_queue:
+        raise ValueError(
+            f"scoring_max_items ({settings.scoring_max_items}) exceeds scoring_max_queue ({settings.scoring_max_queue}), "
+            "so a request of the maximum size could never be queued; lower W2S_SCORING_MAX_ITEMS or raise W2S_SCORING_MAX_QUEUE"
+        )
+    return ServingConfig(
+        token_budget=settings.scoring_token_budget,
+        max_wait_ms=settings.scoring_max_wait_ms,
+        max_queue=settings.scoring_max_queue,
+        memory_budget_mb=settings.scoring_memory_budget_mb,
+        precision=settings.scoring_precision,
+        max_length=settings.scoring_max_length,
+        max_request_tokens=settings.scoring_max_tokens,
+        alias_refresh_s=settings.scoring_alias_refresh_s,
+        device=settings.scoring_device,
+        allow_remote_code=settings.allow_remote_code,
+        allow_pickle=settings.allow_pickle,
+    )
+
+
+class BodySizeLimit:
+    """ASGI middleware that answers 413 to request bodies over `max_bytes`, before any parsing.
+
+    The body is read here (at most `max_bytes` of it) and handed on whole, because an error raised
+    while FastAPI reads the body would reach the client as a 400.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send, int(declared), exact=True)
+            return
+
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._reject(scope, receive, send, len(body), exact=not more)
+                return
+
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, size: int, exact: bool) -> None:
+        amount = f"{size} bytes" if exact else f"at least {size} bytes"
+        error = PayloadTooLarge(
+            f"request body has {amount}, over the limit of {self.max_bytes} bytes",
+            code="body_too_large",
+            field="body",
+            value=size,
+            fix=f"Send at most {self.max_bytes} bytes per request (W2S_SCORING_MAX_BODY_BYTES), or split the request.",
+        )
+        await error_response(error)(scope, receive, send)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: JobStore | None = None,
+    resolver: ModelResolver | None = None,
+) -> FastAPI:
+    """Build the scoring service for `settings` (default: the environment).
+
+    `resolver` replaces the model registry (tests and benchmarks serve model folders by name).
+    """
+    settings = settings or get_settings()
+    store = store or JobStore(settings.resolved_database_url, settings)
+    config = serving_config(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.auth_disabled:
+            logger.warning("authentication is DISABLED (W2S_AUTH_DISABLED=true): every request is accepted as an admin")
+        if settings.auto_migrate:
+            upgrade_database(settings.resolved_database_url)
+        engine = ScoringEngine(resolver or RegistryResolver(store), config)
+        app.state.scoring_engine = engine
+        for name in settings.scoring_preload_models:
+            try:
+                await engine.model(name)
+            except Exception:  # the service still starts; requests for this model report the error
+                logger.exception("preloading model %r failed", name)
+        logger.info(
+            "scorer started: token budget %d, max wait %.1f ms, queue %d sequences, memory budget %d MiB, precision %s",
+            config.token_budget,
+            config.max_wait_ms,
+            config.max_queue,
+            config.memory_budget_mb,
+            config.precision,
+        )
+        yield
+        engine.close()
+        logger.info("scorer stopped")
+
+    app = FastAPI(
+        title="w2s-anchor scorer",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "scoring", "description": "Rewards, comparisons and OpenRLHF's remote reward protocol."},
+            {"name": "operations", "description": "Health checks."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.store = store
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.scoring_max_body_bytes)
+    app.include_router(scoring.router)
+    return app
+
+
+app = create_app()
