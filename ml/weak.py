@@ -82,6 +82,8 @@ def weak_label(cfg: WeakLabelConfig, ctx: RunContext) -> dict[str, Any]:
                 "data": [{"path": cfg.source.train, "sha256": fingerprint(cfg.source.train), "split": "A"}],
                 "split": {"fraction": cfg.split_fraction, "seed": cfg.split_seed},
             },
+            # The weak model's own drift is of no interest, so its anchor cache pass is skipped.
+            anchor_mode="cached" if cfg.weak.anchor.lam > 0 else "off",
             progress_bars=ctx.extra.get("progress_bars", True),
         )
         model_dir = trained["model_dir"]
