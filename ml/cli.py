@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     os.environ.setdefault("W2S_DATA_DIR", DEFAULT_DATA_DIR)
     os.environ.setdefault("W2S_MODEL_DIR", DEFAULT_MODELS_DIR)
     text = os.path.expandvars(Path(path).read_text())
-    data = yaml.safe_load(text)
+    unset = sorted(set(re.findall(r"\$\{(\w+)\}", text)))
+    if unset:
+        raise SystemExit(f"config {path} uses environment variables that are not set: {', '.join(unset)}; export them first")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SystemExit(f"config {path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise SystemExit(f"config {path} must be a mapping of fields, got {type(data).__name__}")
     return data

@@ -32,12 +32,20 @@ def _text_length(value: str | list[dict[str, Any]]) -> int:
     return len(value) if isinstance(value, str) else sum(len(m.get("content", "")) for m in value)
 
 
-def eval_max_length(renderer: Renderer, pairs: list[PreferencePair], cfg: EvaluateConfig) -> int:
-    """Return the configured max length, or the 95th percentile of the set's token lengths up to the cap."""
+def eval_length(renderer: Renderer, pairs: list[PreferencePair], cfg: EvaluateConfig) -> tuple[int, int]:
+    """Return the eval max length of a set and how many of its pairs exceed it.
+
+    The length is the configured one, or the 95th percentile of the set's token lengths (chosen and
+    rejected sequences) up to the cap. A pair counts as truncated when either sequence is longer.
+    """
+    chosen = np.array([renderer.length(p.prompt, p.chosen) for p in pairs])
+    rejected = np.array([renderer.length(p.prompt, p.rejected) for p in pairs])
     if cfg.eval.max_length is not None:
-        return cfg.eval.max_length
-    lengths = [renderer.length(p.prompt, p.chosen) for p in pairs] + [renderer.length(p.prompt, p.rejected) for p in pairs]
-    return int(min(cfg.eval.max_length_cap, np.ceil(np.percentile(lengths, LENGTH_PERCENTILE))))
+        max_length = cfg.eval.max_length
+    else:
+        percentile = np.percentile(np.concatenate([chosen, rejected]), LENGTH_PERCENTILE)
+        max_length = int(min(cfg.eval.max_length_cap, np.ceil(percentile)))
+    return max_length, int(np.sum(np.maximum(chosen, rejected) > max_length))
 
 
 def _training_curve(model_dir: str) -> list[dict[str, Any]]:
@@ -65,6 +73,28 @@ def _write_scores(path: Path, scores: dict[str, dict[str, PairScores]], infos: d
     return path
 
 
+def _training_summary(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The training facts a reader of the report needs: data size, length, precision, loss terms."""
+    config = metadata.get("training_config") or {}
+    metrics = metadata.get("train_metrics") or {}
+    if not config:
+        return {"trained_here": False}
+    return {
+        "base_model": metadata.get("base_model"),
+        "labels": metadata.get("labels"),
+        "pairs": metrics.get("pairs"),
+        "steps": metrics.get("steps"),
+        "epochs": config.get("epochs"),
+        "max_length": config.get("max_length"),
+        "truncated_sequences": metrics.get("truncated_sequences"),
+        "precision": metrics.get("precision"),
+        "anchor_lambda": (config.get("anchor") or {}).get("lam"),
+        "anchor_distance": (config.get("anchor") or {}).get("distance"),
+        "l2sp_lambda": config.get("l2sp_lambda"),
+        "seed": config.get("seed"),
+    }
+
+
 def evaluate_models(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
     """Score each model on the source test set (ID) and every target test set (OOD); write the report."""
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +114,9 @@ def evaluate_models(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
     reference_source = cfg.pretrained or next(iter(cfg.models.values()))
     reference_tokenizer = load_reward_model(reference_source, **ctx.model_options()).tokenizer
     renderer = Renderer(reference_tokenizer, max_length=1 << 20)
-    max_lengths = {name: eval_max_length(renderer, pairs, cfg) for name, (_, pairs) in sets.items()}
+    lengths = {name: eval_length(renderer, pairs, cfg) for name, (_, pairs) in sets.items()}
+    max_lengths = {name: length for name, (length, _) in lengths.items()}
+    truncated = {name: count for name, (_, count) in lengths.items()}
 
     pretrained_reps: dict[str, np.ndarray] = {}
     if cfg.pretrained:
@@ -97,8 +129,8 @@ def evaluate_models(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
         gc.collect()
 
     scores: dict[str, dict[str, PairScores]] = {}
-    truncated: dict[str, int] = {}
     curves: dict[str, list[dict[str, Any]]] = {}
+    training: dict[str, dict[str, Any]] = {}
     total = len(cfg.models) * len(sets)
     done = 0
     for model_name, model_dir in cfg.models.items():
@@ -118,10 +150,10 @@ def evaluate_models(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
                 reps=reps,
                 reps_pretrained=pretrained_reps.get(set_name) if same_backbone else None,
             )
-            truncated.setdefault(set_name, result.n_truncated)
             done += 1
             ctx.progress("evaluate", done, total, {"model": model_name, "set": set_name})
         curves[model_name] = _training_curve(model_dir)
+        training[model_name] = _training_summary(rm.metadata)
         del rm
         gc.collect()
 
@@ -145,6 +177,8 @@ def evaluate_models(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
         "source_test_prompts": cfg.source.max_test_prompts or "all",
         "target_test_prompts": {t.name: t.max_test_prompts or "all" for t in cfg.targets},
         "drift_pairs_per_set": DRIFT_PAIRS,
+        "length_tokenizer": reference_source,
+        "training": training,
         **ctx.extra.get("report_settings", {}),
     }
     report = build_report(

@@ -33,6 +33,7 @@ class PairScores:
     rejected: np.ndarray
     n_truncated: int  # sequences (not pairs) that lost tokens
     precision: str
+    n_truncated_pairs: int = 0  # pairs in which the chosen or the rejected sequence lost tokens
     pooled_chosen: list[np.ndarray] | None = None
     pooled_rejected: list[np.ndarray] | None = None
 
@@ -120,6 +121,7 @@ def score_pairs(
         rejected=result.rewards[n:],
         n_truncated=result.n_truncated,
         precision=result.precision,
+        n_truncated_pairs=sum(1 for i in range(n) if encoded[i].truncated or encoded[n + i].truncated),
         pooled_chosen=None if pooled is None else [p[:n] for p in pooled],
         pooled_rejected=None if pooled is None else [p[n:] for p in pooled],
     )

@@ -2,7 +2,7 @@
 
 Every field has a one-line description with its unit. A worker on another machine joins the same
 deployment by pointing `W2S_BROKER_URL`, `W2S_DATABASE_URL` and `W2S_ARTIFACT_ROOT` at the same
-Redis, database and artifact store (see workers/README.md).
+Redis, database and artifact store (see docs/workers.md).
 """
 
 from __future__ import annotations
