@@ -68,7 +68,7 @@ def serving_config(settings: Settings) -> ServingConfig:
 
 
 class BodySizeLimit:
-    """ASGI middleware that answers 413 to request bodies over `max_bytes`, before any parsing.
+    """ASGI middleware that rejects request bodies over `max_bytes` with 413, before any parsing.
 
     The body is read here (at most `max_bytes` of it) and handed on whole, because an error raised
     while FastAPI reads the body would reach the client as a 400.
@@ -131,7 +131,7 @@ def create_app(
 ) -> FastAPI:
     """Build the scoring service for `settings` (default: the environment).
 
-    `resolver` replaces the model registry (tests and benchmarks serve model folders by name).
+    `resolver` replaces the model registry, e.g. a `StaticResolver` that serves model folders by name.
     """
     settings = settings or get_settings()
     store = store or JobStore(settings.resolved_database_url, settings)
@@ -139,6 +139,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not logging.getLogger().handlers:
+            # uvicorn configures only its own loggers; without this the engine's INFO logs are lost.
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if settings.auth_disabled:
             logger.warning("authentication is DISABLED (W2S_AUTH_DISABLED=true): every request is accepted as an admin")
         if settings.auto_migrate:

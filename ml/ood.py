@@ -9,7 +9,7 @@ modelled as C = Σ_i λ_i u_i u_iᵀ + σ² (I − Σ_i u_i u_iᵀ) and
     d(x)² = Σ_i (u_i · (x − μ))² / λ_i + ‖r‖² / σ²,   r = (x − μ) − Σ_i (u_i · (x − μ)) u_i.
 
 Storing k directions instead of the full H × H covariance keeps the summary small enough for the
-model's metadata file (k × H float32 values), and the σ² term still catches items that move in
+model's metadata file (k × H float32 values). The σ² term still catches items that move in
 directions the top components miss. For Gaussian data d² follows a χ² law with H degrees of
 freedom, so in-distribution distances sit near √H (about 20 for a 384-wide encoder).
 
@@ -35,7 +35,7 @@ DEFAULT_COMPONENTS = 64
 DEFAULT_PERCENTILE = 99.0
 # Training sequences summarised; a random sample of this size keeps the extra pass over the
 # training set to a few seconds for MiniLM-sized models.
-MAX_REFERENCE_SEQUENCES = 1024
+MAX_REFERENCE_SEQUENCES = 512
 # Variances below this share of the mean variance per dimension are raised to it, so a direction
 # the reference sample does not vary in (a sample has rank at most n − 1) cannot divide by ~0.
 VARIANCE_FLOOR = 1e-3

@@ -113,7 +113,10 @@ class AnchoredRewardTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.train_config
         layers = cfg.anchor.layers if self.anchor_source is not None else None
-        out = reward_forward(model, inputs["input_ids"], inputs["attention_mask"], layers=layers)
+        # accelerate applies mixed precision by wrapping model.forward, which reward_forward does not
+        # call (it runs the backbone and the head itself), so autocast is entered here.
+        with self.accelerator.autocast():
+            out = reward_forward(model, inputs["input_ids"], inputs["attention_mask"], layers=layers)
         half = inputs["p"].shape[0]
         r_c, r_r = out.rewards[:half], out.rewards[half:]
         delta = r_c - r_r

@@ -186,6 +186,16 @@ class Normalization(BaseModel):
     std: float
 
 
+class BatchingStats(BaseModel):
+    """Totals of the model's batcher since it was loaded."""
+
+    forward_passes: int
+    sequences: int
+    tokens: int = Field(description="Tokens of the scored sequences.")
+    padded_tokens: int = Field(description="Rows x longest row, summed over forward passes; tokens / padded_tokens is the padding efficiency.")
+    forward_seconds: float = Field(description="Seconds spent in forward passes.")
+
+
 class ScoringModelInfo(BaseModel):
     """A model as the scorer serves it."""
 
@@ -200,6 +210,7 @@ class ScoringModelInfo(BaseModel):
     ood: OodInfo | None = None
     memory_mb: float = Field(description="MiB of weights in memory.")
     loaded_at: datetime
+    batching: BatchingStats | None = None
 
 
 class ScoringModels(BaseModel):

@@ -18,41 +18,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from ml.config import DataFormat, Precision
 from ml.context import RunContext
 from ml.data import read_preferences
-from ml.serving.config import ServingConfig
+from ml.serving.config import ScoreDatasetConfig, ServingConfig
 from ml.serving.engine import ScoringEngine
 from ml.serving.resolver import StaticResolver
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "rewards.jsonl"
 # Items per engine request: progress and the cancel flag are checked between requests.
 CHUNK_ITEMS = 512
 MODEL_NAME = "model"
-
-
-class ScoreDatasetConfig(BaseModel):
-    """Job 'score_dataset': score every response of a dataset file with one reward model."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str = Field(description="Reward model directory (or hub name) to score with.")
-    data: str = Field(description="Dataset file (JSONL, JSON, Parquet, optionally .gz) in a format ml.data reads.")
-    format: DataFormat = Field("auto", description="Reader to use; 'auto' detects it from the fields.")
-    precision: Precision = Field("auto", description="'bf16' autocast, 'fp32', or 'auto' (bf16 where the hardware has it).")
-    max_length: int | None = Field(
-        None, ge=8, le=8192, description="Tokens per sequence; unset uses the model's training max_length."
-    )
-    token_budget: int = Field(8192, ge=64, description="Padded tokens (rows x longest row) per forward pass.")
-    output: str = Field(RESULTS_FILE, pattern=r"^[\w.-]+$", description="Results file name inside the job folder.")
 
 
 def _key(value: Any) -> str:
@@ -70,6 +50,29 @@ def collect_responses(pairs: list[Any]) -> list[dict[str, Any]]:
         {"prompt_id": entry["prompt_id"], "prompt": entry["prompt"], "responses": list(entry["responses"].values())}
         for entry in prompts.values()
     ]
+
+
+def write_results(path: Path, prompts: list[dict[str, Any]], scored: list[Any]) -> Path:
+    """Write one JSON line per prompt; a temporary file is renamed into place, so no partial file remains."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # open() rather than tempfile, so the file gets the umask's permissions and not 0600.
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    cursor = 0
+    try:
+        with open(temporary, "x", encoding="utf-8") as handle:
+            for entry in prompts:
+                rows = []
+                for response in entry["responses"]:
+                    rows.append({"response": response, **vars(scored[cursor])})
+                    cursor += 1
+                best = max(range(len(rows)), key=lambda index: rows[index]["reward"])
+                line = {"prompt_id": entry["prompt_id"], "prompt": entry["prompt"], "best": best, "responses": rows}
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def score_dataset(config: ScoreDatasetConfig, ctx: RunContext) -> dict[str, Any]:
@@ -102,24 +105,7 @@ def score_dataset(config: ScoreDatasetConfig, ctx: RunContext) -> dict[str, Any]
     finally:
         engine.close()
 
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    path = ctx.out_dir / config.output
-    cursor = 0
-    handle = tempfile.NamedTemporaryFile("w", dir=ctx.out_dir, prefix=f".{config.output}.", delete=False, encoding="utf-8")
-    try:
-        with handle:
-            for entry in prompts:
-                rows = []
-                for response in entry["responses"]:
-                    rows.append({"response": response, **vars(scored[cursor])})
-                    cursor += 1
-                best = max(range(len(rows)), key=lambda index: rows[index]["reward"])
-                line = {"prompt_id": entry["prompt_id"], "prompt": entry["prompt"], "best": best, "responses": rows}
-                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    path = write_results(ctx.out_dir / config.output, prompts, scored)
 
     rewards = [item.reward for item in scored]
     outputs = {

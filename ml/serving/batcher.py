@@ -4,9 +4,9 @@ Requests are queued as lists of token sequences. A background thread takes a bat
 these holds:
 
 - the queued sequences fill the token budget;
-- the queue holds at least as many requests as the previous batch did, which is the number of
-  clients that are likely to send again right after their answers (so serial callers are not
-  delayed, and concurrent callers are not split into a tiny batch and a large one);
+- the queue contains at least as many requests as the previous batch did. That is the number of
+  clients likely to send again right after their responses, so serial callers are not delayed and
+  concurrent callers are not split into a tiny batch and a large one;
 - the oldest queued request has waited `max_wait_s`.
 
 A batch is the longest run of queued sequences, in arrival order, whose token counts sum to at
@@ -132,12 +132,17 @@ class DynamicBatcher:
         self._pending_tokens = 0
         self._expected_requests = 1
         self._closed = False
+        self._stats = {"forward_passes": 0, "sequences": 0, "tokens": 0, "padded_tokens": 0, "forward_seconds": 0.0}
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def stats(self) -> dict[str, float]:
+        """Totals since start: forward passes, sequences, real and padded tokens, seconds in forward."""
+        return dict(self._stats)
 
     def submit(self, sequences: Sequence[Sequence[int]]) -> concurrent.futures.Future:
         """Queue one request; the future resolves to its `BatchResult`.
@@ -246,7 +251,13 @@ class DynamicBatcher:
                     pass  # cancelled by its caller while being scored
             self._finish(chunk)
             return
-        self._admission.record_throughput(len(sequences), time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        self._admission.record_throughput(len(sequences), seconds)
+        self._stats["forward_passes"] += 1
+        self._stats["sequences"] += len(sequences)
+        self._stats["tokens"] += sum(len(s) for s in sequences)
+        self._stats["padded_tokens"] += len(sequences) * max(len(s) for s in sequences)
+        self._stats["forward_seconds"] += seconds
         for row, (request, index) in enumerate(chunk):
             request.rewards[index] = rewards[row]
             if distances is not None:

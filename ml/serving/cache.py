@@ -1,8 +1,8 @@
 """Loaded reward models, kept by recent use within a memory budget, and the routing of aliases.
 
 A model is loaded on first use, on one loader thread. When an alias moves to another model, the
-model the alias pointed to keeps answering while the new one loads, and the alias switches once
-the new model is ready, so no request waits for the load or is dropped. Requests already queued
+model the alias pointed to keeps serving it while the new one loads. The alias switches once the
+new model is ready, so no request waits for the load or is dropped. Requests already queued
 on a model always finish on it: unloading a model only closes its batcher, which scores what is
 queued before its thread ends.
 """
@@ -74,6 +74,9 @@ class ServedModel:
     memory_bytes: int
     loaded_at: datetime
     batcher: DynamicBatcher = field(init=False)
+    # A fast tokenizer raises "Already borrowed" when two threads change its settings at once, so
+    # encoding (inline on the event loop, or on a worker thread for large requests) takes turns.
+    _encode_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def max_length(self) -> int:
@@ -96,12 +99,17 @@ class ServedModel:
             distances = self.ood.distances(out.pooled[0].cpu().numpy())
         return rewards, distances
 
-    def encode(self, item: str | tuple[Any, Any]) -> Encoded:
-        """Encode a full text (str) or a (prompt, response) pair with the model's rendering policy."""
-        if isinstance(item, str):
-            return self.renderer.encode_full_text(item)
-        prompt, response = item
-        return self.renderer.encode(prompt, response)
+    def encode(self, items: Sequence[str | tuple[Any, Any]]) -> list[Encoded]:
+        """Encode full texts (str) or (prompt, response) pairs with the model's rendering policy."""
+        encoded = []
+        with self._encode_lock:
+            for item in items:
+                if isinstance(item, str):
+                    encoded.append(self.renderer.encode_full_text(item))
+                else:
+                    prompt, response = item
+                    encoded.append(self.renderer.encode(prompt, response))
+        return encoded
 
     def info(self) -> dict[str, Any]:
         ood = None
@@ -127,6 +135,7 @@ class ServedModel:
             "ood": ood,
             "memory_mb": round(self.memory_bytes / 2**20, 1),
             "loaded_at": self.loaded_at.isoformat(),
+            "batching": self.batcher.stats(),
         }
 
     def close(self, wait: bool = False) -> None:
@@ -192,7 +201,7 @@ class ModelCache:
         self._entries: collections.OrderedDict[str, ServedModel] = collections.OrderedDict()
         self._loading: dict[str, concurrent.futures.Future] = {}
         self._routes: dict[str, tuple[ModelRef, float]] = {}  # name -> (resolution, when, monotonic s)
-        self._serving: dict[str, str] = {}  # name -> id of the model answering it now
+        self._serving: dict[str, str] = {}  # name -> id of the model serving it now
         self._loader_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
 
     def loaded(self) -> list[ServedModel]:
@@ -213,7 +222,7 @@ class ModelCache:
             return served
 
     def get(self, name: str) -> ServedModel:
-        """Return the model answering `name`, loading it if needed; blocks, so call it off the event loop."""
+        """Return the model that serves `name`, loading it if needed. Blocks, so call it off the event loop."""
         ref = self._resolve(name)
         with self._lock:
             served = self._entries.get(ref.id)
@@ -228,7 +237,7 @@ class ModelCache:
             previous_id = self._serving.get(name)
             previous = self._entries.get(previous_id) if previous_id not in (None, ref.id) else None
             if previous is not None and not previous.batcher.closed:
-                # The alias moved: its previous model answers until the new one is loaded.
+                # The alias moved: its previous model serves it until the new one is loaded.
                 return previous
         served = future.result()
         with self._lock:

@@ -1,9 +1,17 @@
-"""Settings of the scoring engine, with units; `workers.settings.Settings` fills them from W2S_ variables."""
+"""Settings of the scoring engine and the batch-scoring job config; imports neither torch nor ml.config.
+
+`workers.settings.Settings` fills `ServingConfig` from W2S_SCORING_* variables. `ScoreDatasetConfig`
+is importable from `ml.config` without an import cycle.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RESULTS_FILE = "rewards.jsonl"
 
 
 @dataclass(frozen=True)
@@ -54,3 +62,19 @@ class ServingConfig:
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {self.precision!r}")
         if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"max_length must be at least 8 tokens or unset; got {self.max_length}")
+
+
+class ScoreDatasetConfig(BaseModel):
+    """Job 'score_dataset': score every response of a dataset file with one reward model."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="Reward model directory (or hub name) to score with.")
+    data: str = Field(description="Dataset file (JSONL, JSON, Parquet, optionally .gz) in a format ml.data reads.")
+    format: Literal["auto", "trl", "hh", "ranked"] = Field("auto", description="Reader to use; 'auto' detects it from the fields.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="'bf16' autocast, 'fp32', or 'auto' (bf16 where the hardware has it).")
+    max_length: int | None = Field(
+        None, ge=8, le=8192, description="Tokens per sequence; unset uses the model's training max_length."
+    )
+    token_budget: int = Field(8192, ge=64, description="Padded tokens (rows x longest row) per forward pass.")
+    output: str = Field(RESULTS_FILE, pattern=r"^\w[\w.-]*$", description="Results file name inside the job folder.")

@@ -1,4 +1,4 @@
-"""How the engine turns a model name (registered id or alias) into a model directory."""
+"""Model resolvers: from a model name (registered id or alias) to a model directory."""
 
 from __future__ import annotations
 

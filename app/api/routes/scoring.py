@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -114,8 +115,28 @@ def check_item_limits(settings: Settings, field: str, count: int, chars: int) ->
         )
 
 
+class RejectionLog:
+    """Logs 429 rejections at most once per `interval_s`, with the count since the last line."""
+
+    def __init__(self, interval_s: float = 10.0):
+        self.interval_s = interval_s
+        self._count = 0
+        self._logged_at = float("-inf")
+
+    def record(self, error: EngineQueueFull) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self.interval_s:
+            logger.warning("scoring queue full: %d request(s) rejected with 429 since the last report; %s", self._count, error)
+            self._count = 0
+            self._logged_at = now
+
+
+_rejections = RejectionLog()
+
+
 def engine_error(error: Exception, model: str) -> APIError:
-    """Translate an engine error to the API error that the client sees."""
+    """Translate an engine error to the API error returned to the client."""
     if isinstance(error, ModelNotFound):
         return NotFound(
             f"model {model!r} not found: no registered model has this id or alias",
@@ -133,6 +154,7 @@ def engine_error(error: Exception, model: str) -> APIError:
             fix=f"Send at most {error.limit} {error.unit} per request (W2S_SCORING_MAX_TOKENS), or split the request.",
         )
     if isinstance(error, EngineQueueFull):
+        _rejections.record(error)
         return QueueFull(
             str(error),
             code="scoring_queue_full",
