@@ -160,6 +160,7 @@ def _trl_pairs_per_s(model_dir: str, pairs, steps: int, batch_size: int, max_len
             output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size, max_length=max_length,
             bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
             learning_rate=2e-5, logging_steps=1000, disable_tqdm=True,
+            gradient_checkpointing=False,  # RewardConfig turns it on by default; MPNet does not support it
         )
         trainer = RewardTrainer(model=rm.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=rm.tokenizer)
         output = trainer.train()

@@ -1,9 +1,9 @@
 """Benchmark: first transfer numbers, naive vs anchored vs ceiling on one shift over several seeds.
 
-Runs the pipeline of a shift config once per seed (the student seed changes; the A/B split and the
-weak model stay those of seed 0, so every seed's students learn from the same weak labels), then
-prints per-seed ID and OOD accuracy of every arm and the paired difference anchored − naive on the
-same OOD pairs, with a 95 % bootstrap interval over prompts.
+Runs the pipeline of a shift config once per seed. Only the student seed changes: the A/B split and
+the weak model stay those of the first seed, so every seed's students learn from the same weak
+labels. Prints per-seed ID and OOD accuracy of every arm, and the paired difference anchored − naive
+on the same pairs with a 95 % bootstrap interval over prompts.
 
 Usage:
     python bench/transfer.py --config configs/shifts/us_history_textbook__us_history_fiction.yaml \

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -112,6 +113,12 @@ class ServedModel:
         return encoded
 
     def info(self) -> dict[str, Any]:
+        """Describe the model as served, with the batcher's totals."""
+        return {**self.static_info, "batching": self.batcher.stats()}
+
+    @functools.cached_property
+    def static_info(self) -> dict[str, Any]:
+        """Fields of `info` that do not change while the model is loaded (computed once per model)."""
         ood = None
         if self.ood is not None:
             ood = {
@@ -135,7 +142,6 @@ class ServedModel:
             "ood": ood,
             "memory_mb": round(self.memory_bytes / 2**20, 1),
             "loaded_at": self.loaded_at.isoformat(),
-            "batching": self.batcher.stats(),
         }
 
     def close(self, wait: bool = False) -> None:

@@ -46,7 +46,7 @@ class ScoredItem:
 class ScoringResult:
     """Scored items in request order and the model that scored them."""
 
-    model: dict[str, Any]
+    model: dict[str, Any]  # `ServedModel.static_info`, shared by every result of the model: do not modify
     items: list[ScoredItem]
 
     @property
@@ -157,7 +157,7 @@ class ScoringEngine:
                     tokens=len(sequence.input_ids),
                 )
             )
-        return ScoringResult(model=served.info(), items=items)
+        return ScoringResult(model=served.static_info, items=items)
 
     def close(self) -> None:
         """Finish queued requests and stop every batcher thread."""
