@@ -252,12 +252,20 @@ class PipelineConfig(_Strict):
         )
 
 
-JOB_CONFIGS: dict[str, type[BaseModel]] = {
-    "weak_label": WeakLabelConfig,
-    "train": StudentTrainConfig,
-    "evaluate": EvaluateConfig,
-    "pipeline": PipelineConfig,
-}
+def _job_configs() -> dict[str, type[BaseModel]]:
+    # Imported here because ml.serving.config is a sibling module that imports nothing of this one.
+    from ml.serving.config import ScoreDatasetConfig
+
+    return {
+        "weak_label": WeakLabelConfig,
+        "train": StudentTrainConfig,
+        "evaluate": EvaluateConfig,
+        "pipeline": PipelineConfig,
+        "score_dataset": ScoreDatasetConfig,
+    }
+
+
+JOB_CONFIGS: dict[str, type[BaseModel]] = _job_configs()
 
 
 def parse_job_config(job_type: str, data: dict) -> BaseModel:

@@ -119,11 +119,18 @@ def run_pipeline(cfg: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     return outputs
 
 
+def run_score_dataset(cfg: BaseModel, ctx: RunContext) -> dict[str, Any]:
+    from ml.serving.batch import score_dataset
+
+    return score_dataset(cfg, ctx)
+
+
 _RUNNERS = {
     "weak_label": run_weak_label,
     "train": run_train,
     "evaluate": run_evaluate,
     "pipeline": run_pipeline,
+    "score_dataset": run_score_dataset,
 }
 
 

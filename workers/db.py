@@ -48,6 +48,7 @@ class JobType(str, enum.Enum):
     TRAIN = "train"
     EVALUATE = "evaluate"
     PIPELINE = "pipeline"
+    SCORE_DATASET = "score_dataset"
 
 
 class JobState(str, enum.Enum):

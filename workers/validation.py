@@ -21,6 +21,7 @@ from ml.config import (
     WeakLabelConfig,
     parse_job_config,
 )
+from ml.serving.config import ScoreDatasetConfig
 from workers.settings import Settings
 
 
@@ -108,6 +109,9 @@ class _PathChecker:
                 self._dataset(f"targets.{index}", target)
             if config.pretrained:
                 self._model("pretrained", config.pretrained)
+        elif isinstance(config, ScoreDatasetConfig):
+            self._file("data", config.data)
+            self._model("model", config.model)
         return self.errors
 
     def _dataset(self, field: str, spec: DatasetSpec) -> None:

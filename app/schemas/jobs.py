@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobTypeName = Literal["weak_label", "train", "evaluate", "pipeline"]
+JobTypeName = Literal["weak_label", "train", "evaluate", "pipeline", "score_dataset"]
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 PIPELINE_EXAMPLE = {

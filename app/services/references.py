@@ -27,12 +27,14 @@ DATASET_FIELDS: dict[str, list[tuple[str, ...]]] = {
     "weak_label": [("source", "train"), ("source", "test"), ("targets", "*", "train"), ("targets", "*", "test")],
     "train": [("data",), ("heldout",)],
     "evaluate": [("source", "train"), ("source", "test"), ("targets", "*", "train"), ("targets", "*", "test")],
+    "score_dataset": [("data",)],
 }
 MODEL_FIELDS: dict[str, list[tuple[str, ...]]] = {
     "pipeline": [("weak", "model"), ("student", "model")],
     "weak_label": [("weak", "model"), ("labeller_model",)],
     "train": [("student", "model")],
     "evaluate": [("models", "*"), ("pretrained",)],
+    "score_dataset": [("model",)],
 }
 
 

@@ -145,3 +145,21 @@ def test_cancel_during_training(redis_deployment: Deployment, train_job_config: 
     assert not Path(done.out_dir).exists()
     assert redis_deployment.store.list_models() == []
     assert worker.popen.poll() is None
+
+
+def test_score_dataset_job_writes_rewards(redis_deployment: Deployment, genies: Path, minilm_dir: Path, tmp_path: Path) -> None:
+    from ml.data import read_preferences, write_pairs_jsonl
+
+    pairs, _ = read_preferences(genies / "arc_easy" / "test.json.gz")
+    data = tmp_path / "candidates.jsonl"
+    write_pairs_jsonl(pairs[:12], data)  # 4 prompts with 4 responses each
+    redis_deployment.start_worker()
+    job = redis_deployment.store.create_job("score_dataset", {"model": str(minilm_dir), "data": str(data), "max_length": 64})
+    submit_job(job.id, store=redis_deployment.store, app=redis_deployment.app)
+
+    done = redis_deployment.wait_for_state(job.id, {"succeeded", "failed", "cancelled"}, timeout_s=TRAIN_TIMEOUT_S)
+    assert done.state == "succeeded", f"{done.to_dict()}\n{redis_deployment.worker_logs()}"
+    rows = [json.loads(line) for line in (Path(done.out_dir) / "rewards.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    assert all(len(row["responses"]) == 4 for row in rows), rows[0]
+    assert done.outputs["responses"] == 16
