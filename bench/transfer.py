@@ -6,7 +6,7 @@ labels. Prints per-seed ID and OOD accuracy of every arm, and the paired differe
 on the same pairs with a 95 % bootstrap interval over prompts.
 
 Usage:
-    python bench/transfer.py --config configs/shifts/us_history_textbook__us_history_fiction.yaml \
+    python bench/transfer.py --config configs/quick/us_history_textbook__us_history_fiction.yaml \
         --seeds 0 1 2 --out runs/bench-transfer
 """
 
@@ -72,7 +72,7 @@ def run(config_path: str, seeds: list[int], out: Path, samples: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/shifts/us_history_textbook__us_history_fiction.yaml")
+    parser.add_argument("--config", default="configs/quick/us_history_textbook__us_history_fiction.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/bench-transfer")
     parser.add_argument("--bootstrap-samples", type=int, default=2000)

@@ -259,6 +259,10 @@ def save_reward_model(model: nn.Module, tokenizer: Any, out_dir: Path, metadata:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # mkdtemp creates the folder as 0700; give the model directory the umask's usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         model.config.num_labels = 1
         model.save_pretrained(staging, safe_serialization=True)
