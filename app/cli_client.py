@@ -284,7 +284,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     connection = _connection_options()
 
     submit = subparsers.add_parser("submit", parents=[connection], help="Queue a job through the API.")
-    submit.add_argument("type", choices=["pipeline", "weak_label", "train", "evaluate"], help="Job type.")
+    submit.add_argument("type", choices=["pipeline", "weak_label", "train", "evaluate", "score_dataset"], help="Job type.")
     submit.add_argument("config", help="YAML or JSON config file; dataset fields may be dataset:<id>, model fields model:<id or alias>.")
     submit.add_argument("--idempotency-key", help="Submitting again with the same key returns the same job.")
     submit.add_argument("--watch", action="store_true", help="Follow the job's progress until it ends.")
@@ -295,7 +295,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     jobs_sub = jobs.add_subparsers(dest="jobs_command")
     for parser in (jobs, jobs_sub.add_parser("list", parents=[connection], help="List your jobs, newest first.")):
         parser.add_argument("--state", action="append", choices=["queued", "running", "succeeded", "failed", "cancelled"], help="Only jobs in this state (repeatable).")
-        parser.add_argument("--type", choices=["pipeline", "weak_label", "train", "evaluate"], help="Only jobs of this type.")
+        parser.add_argument("--type", choices=["pipeline", "weak_label", "train", "evaluate", "score_dataset"], help="Only jobs of this type.")
         parser.add_argument("--limit", type=int, default=20, help="Jobs per page (default 20).")
         parser.add_argument("--offset", type=int, default=0, help="Jobs to skip (default 0).")
         parser.add_argument("--json", action="store_true", help="Print the raw JSON page.")

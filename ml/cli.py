@@ -53,7 +53,7 @@ def _run(job_type: str, args: argparse.Namespace) -> int:
         print(f"invalid config {args.config}:\n{error}", file=sys.stderr)
         return 2
     out_dir = Path(args.out or Path("runs") / getattr(config, "name", job_type))
-    ctx = RunContext(out_dir=out_dir, resume=not args.restart, extra={"experiment": getattr(config, "name", job_type)})
+    ctx = RunContext(out_dir=out_dir, resume=not args.restart, extra={})
     outputs = run_job(job_type, config, ctx)
     (out_dir / "outputs.json").write_text(json.dumps(outputs, indent=2, default=str))
     report = None
@@ -92,6 +92,11 @@ def _score(args: argparse.Namespace) -> int:
         f"{args.model} on {args.data}: pairwise accuracy {accuracy:.3f} over {len(pairs)} pairs "
         f"({scores.n_truncated} sequences truncated to {args.max_length} tokens, {scores.precision})"
     )
+    if not rm.metadata:
+        print(
+            "note: this model has no w2s_metadata.json, so its reward head may be freshly initialised "
+            "(a pretrained backbone); accuracy near 0.5 is then expected"
+        )
     return 0
 
 
@@ -118,9 +123,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score = subparsers.add_parser("score", help="Score a preference dataset with a reward model and print its accuracy.")
     score.add_argument("--model", required=True, help="Model directory, hub name or .gguf file.")
     score.add_argument("--data", required=True, help="Preference file (JSONL, JSON, Parquet, GENIES, HH; .gz allowed).")
-    score.add_argument("--format", default="auto", choices=["auto", "trl", "hh", "ranked"])
+    score.add_argument("--format", default="auto", choices=["auto", "trl", "hh", "ranked"], help="Reader to use; 'auto' detects it.")
     score.add_argument("--max-prompts", type=int, default=None, help="Keep only the first N prompts.")
     score.add_argument("--max-length", type=int, default=256, help="Tokens per sequence.")
-    score.add_argument("--batch-size", type=int, default=32)
-    score.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    score.add_argument("--batch-size", type=int, default=32, help="Sequences per forward pass.")
+    score.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="'auto' picks bf16 where the hardware has it.")
     score.set_defaults(handler=_score)

@@ -198,6 +198,7 @@ class StudentTrainConfig(_Strict):
 class EvaluateConfig(_Strict):
     """Stage 3 on its own: compare reward models on a source test set and shifted targets."""
 
+    name: str = Field("evaluation", description="Experiment name, used in the report title.")
     models: dict[str, str] = Field(min_length=1, description="Report row name -> reward model directory.")
     source: DatasetSpec
     targets: list[DatasetSpec] = Field(default_factory=list)

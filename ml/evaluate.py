@@ -182,7 +182,7 @@ def evaluate_models(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
         **ctx.extra.get("report_settings", {}),
     }
     report = build_report(
-        ctx.extra.get("experiment", "evaluation"),
+        ctx.extra.get("experiment", cfg.name),
         settings,
         infos,
         scores,

@@ -71,6 +71,7 @@ def plan_pipeline(cfg: PipelineConfig, out_dir: Path) -> list[Stage]:
 
     ceiling = next((arm.name for arm in cfg.arms if arm.labels == "gold"), None)
     eval_cfg = EvaluateConfig(
+        name=cfg.name,
         models=models,
         source=cfg.source,
         targets=cfg.targets,

@@ -20,6 +20,18 @@ from workers.settings import Settings
 
 DATASET_PREFIX = "dataset:"
 MODEL_PREFIX = "model:"
+# The shipped config files write paths as ${W2S_DATA_DIR}/... and ${W2S_MODEL_DIR}/...; on the server
+# these name its own allow-listed folders, so the variable is dropped and the rest is read relative
+# to that folder.
+FOLDER_VARIABLES = ("${W2S_DATA_DIR}/", "${W2S_MODEL_DIR}/")
+
+
+def strip_folder_variable(value: str) -> str:
+    """Turn '${W2S_DATA_DIR}/genies/x.json.gz' into 'genies/x.json.gz' (relative to the folder)."""
+    for variable in FOLDER_VARIABLES:
+        if value.startswith(variable):
+            return value[len(variable):]
+    return value
 
 # Field paths of the dataset files and models of each job type. '*' is every list item or dict value.
 DATASET_FIELDS: dict[str, list[tuple[str, ...]]] = {
@@ -94,6 +106,7 @@ class ReferenceResolver:
         return resolved
 
     def _dataset(self, field_name: str, value: str, resolved: ResolvedConfig) -> str:
+        value = strip_folder_variable(value)
         if value.startswith(DATASET_PREFIX):
             dataset_id = value[len(DATASET_PREFIX):]
             with self.store.session() as session:
@@ -131,6 +144,7 @@ class ReferenceResolver:
         return str(path.resolve())
 
     def _model(self, field_name: str, value: str, resolved: ResolvedConfig) -> str:
+        value = strip_folder_variable(value)
         if value.startswith(MODEL_PREFIX):
             row = find_model(self.store, value[len(MODEL_PREFIX):])
             if row is None:

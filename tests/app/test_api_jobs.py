@@ -131,6 +131,21 @@ def test_create_job_returns_202_and_resolves_references(api: Api, shared_data: P
     assert fetched.json()["id"] == job["id"]
 
 
+def test_shipped_config_accepted_over_http(api: Api, shared_data: Path) -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "configs" / "quick" / "us_history_textbook__us_history_fiction.yaml").read_text())
+    assert config["source"]["train"].startswith("${W2S_DATA_DIR}/")
+
+    response = api.client.post("/v1/jobs", json={"type": "pipeline", "config": config}, headers=api.headers())
+
+    assert response.status_code == 202, response.text
+    resolved = response.json()["config"]
+    assert resolved["source"]["train"] == str((shared_data / "genies" / "us_history_textbook" / "train.json.gz").resolve())
+    assert "${" not in json.dumps(resolved)
+
+
 def test_idempotency_key_returns_same_job(api: Api, shared_data: Path) -> None:
     first = _queued_pipeline(api, shared_data, **{"Idempotency-Key": "run-1"})
     second = _queued_pipeline(api, shared_data, **{"Idempotency-Key": "run-1"})
