@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 class ErrorDetail(BaseModel):
-    """What failed, on which field and value, and how to fix it."""
+    """Error body: the failure, its field and value, and the fix."""
 
     code: str = Field(description="Machine-readable error code, e.g. 'invalid_config' or 'job_not_found'.")
     message: str = Field(description="What failed, naming the field and the value.")

@@ -1,4 +1,4 @@
-"""How a long ML run reports progress and learns it should stop, whoever runs it.
+"""Progress reporting and stop checks of a long ML run, for any caller.
 
 The CLI runs jobs with a tqdm-backed context; a Celery worker passes its own context that writes
 progress to the job row and reads the cancel flag. `ml/` never imports either side.
@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 class JobCancelled(RuntimeError):
-    """Raised between steps when the job's context asks to stop."""
+    """Raised between steps when the job's context requests a stop."""
 
 
 @dataclass

@@ -74,7 +74,7 @@ def _write_scores(path: Path, scores: dict[str, dict[str, PairScores]], infos: d
 
 
 def _training_summary(metadata: dict[str, Any]) -> dict[str, Any]:
-    """The training facts a reader of the report needs: data size, length, precision, loss terms."""
+    """Return the training facts a reader of the report needs: data size, length, precision, loss terms."""
     config = metadata.get("training_config") or {}
     metrics = metadata.get("train_metrics") or {}
     if not config:

@@ -5,8 +5,8 @@ dict of outputs: paths (relative names inside `ctx.out_dir` and absolute paths) 
 Heavy imports (torch, transformers) happen inside the functions, so importing this module is cheap.
 
 A pipeline is planned as a fixed sequence of stages whose outputs sit at known paths under the
-pipeline's folder, so the workers can run the stages as a Celery chain and the CLI can run them
-in-process from the same plan.
+pipeline's folder. The workers run the stages as a Celery chain, and the CLI runs them in-process
+from the same plan.
 """
 
 from __future__ import annotations

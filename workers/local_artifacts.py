@@ -76,7 +76,7 @@ def remove_checkpoints(out_dir: Path) -> int:
 
 
 def complete_model_dir(out_dir: Path) -> Path | None:
-    """Return `<out_dir>/model` if it holds a complete model (its metadata file exists)."""
+    """Return `<out_dir>/model` if it contains a complete model (its metadata file exists)."""
     model_dir = out_dir / "model"
     return model_dir if (model_dir / METADATA_FILE).is_file() else None
 

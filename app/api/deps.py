@@ -43,7 +43,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 CeleryDep = Annotated[Any, Depends(get_celery)]
 
-# auto_error=False: a missing header is answered with the API's own 401 body, not FastAPI's 403.
+# auto_error=False: a missing header gets the API's own 401 body, not FastAPI's 403.
 bearer_scheme = HTTPBearer(auto_error=False, description="API key created by an operator with `w2s keys create`.")
 
 

@@ -14,7 +14,7 @@ class Liveness(BaseModel):
 
 
 class Readiness(BaseModel):
-    """Every dependency answered: the job database and the broker."""
+    """Every dependency responded: the job database and the broker."""
 
     status: Literal["ready"] = "ready"
     checks: dict[str, str] = Field(description="'ok' per dependency.", examples=[{"database": "ok", "broker": "ok"}])

@@ -11,7 +11,7 @@ ModelSource = Literal["trained", "hub", "directory"]
 
 
 class ModelLineage(BaseModel):
-    """Where a model came from: base model, weak labeller, datasets, config and job."""
+    """Lineage of a model: base model, weak labeller, datasets, config and job."""
 
     source: ModelSource = Field(description="'trained' by a job here, or registered from the 'hub' or a 'directory'.")
     base_model: str | None = Field(None, description="Pretrained model the reward model was fine-tuned from.")
