@@ -225,6 +225,17 @@ def error_response(error: APIError) -> JSONResponse:
 def _validation_error(exc: RequestValidationError) -> InvalidInput:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        # FastAPI puts the character offset of the syntax error where a field name would be.
+        location = first.get("loc", ())
+        offset = location[1] if len(location) > 1 else "?"
+        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return InvalidInput(
+            f"body: invalid JSON at character {offset}: {reason}",
+            code="invalid_json",
+            field="body",
+            fix="Send the body as one JSON document (Content-Type: application/json); check quotes, commas and brackets.",
+        )
     location = [str(part) for part in first.get("loc", ())]
     # The first element names where the value came from: body, query, path or header.
     field = ".".join(location[1:]) if len(location) > 1 else ".".join(location) or None
@@ -238,6 +249,16 @@ def _validation_error(exc: RequestValidationError) -> InvalidInput:
 
 
 def _http_error(exc: StarletteHTTPException) -> APIError:
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
+        # FastAPI turns a body it cannot decode into a bare 400 "There was an error parsing the body".
+        return InvalidInput(
+            f"body: the request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at position {cause.start})",
+            code="invalid_json",
+            field="body",
+            value=cause.start,
+            fix="Encode the JSON body as UTF-8; escape other characters as \\uXXXX.",
+        )
     if exc.status_code == 404:
         return NotFound(f"no route matches this path: {exc.detail}", code="route_not_found", fix="See GET /docs for the routes.")
     if exc.status_code == 405:
