@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from app.api.routes import datasets, health, jobs, metrics, models
 from app.errors import install_error_handlers
+from app.limits import BodySizeLimit
 from app.metrics import JobCollector, RequestMetrics
 from workers.db import JobStore, upgrade_database
 from workers.settings import Settings, get_settings
@@ -63,6 +64,8 @@ def create_app(settings: Settings | None = None, *, celery: Any = None, store: J
     app.state.metrics_registry.register(JobCollector(store))
 
     install_error_handlers(app)
+    # Uploads stream past this limit; the upload route counts them against W2S_MAX_UPLOAD_BYTES.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, setting="W2S_MAX_REQUEST_BYTES", streamed_paths={"/v1/datasets"})
     app.add_middleware(RequestMetrics, registry=app.state.metrics_registry)
     for router in (health.router, metrics.router, datasets.router, jobs.router, models.router):
         app.include_router(router)

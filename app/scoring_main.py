@@ -13,10 +13,10 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.routes import scoring
-from app.errors import PayloadTooLarge, error_response, install_error_handlers
+from app.errors import install_error_handlers
+from app.limits import BodySizeLimit
 from app.services.references import find_model
 from ml.serving import ModelNotFound, ModelRef, ModelResolver, ScoringEngine, ServingConfig
 from workers.db import JobStore, upgrade_database
@@ -65,62 +65,6 @@ def serving_config(settings: Settings) -> ServingConfig:
         allow_remote_code=settings.allow_remote_code,
         allow_pickle=settings.allow_pickle,
     )
-
-
-class BodySizeLimit:
-    """ASGI middleware that rejects request bodies over `max_bytes` with 413, before any parsing.
-
-    The body is read here (at most `max_bytes` of it) and handed on whole, because an error raised
-    while FastAPI reads the body would reach the client as a 400.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, receive, send, int(declared), exact=True)
-            return
-
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                await self._reject(scope, receive, send, len(body), exact=not more)
-                return
-
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if delivered:
-                return await receive()
-            delivered = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send, size: int, exact: bool) -> None:
-        amount = f"{size} bytes" if exact else f"at least {size} bytes"
-        error = PayloadTooLarge(
-            f"request body has {amount}, over the limit of {self.max_bytes} bytes",
-            code="body_too_large",
-            field="body",
-            value=size,
-            fix=f"Send at most {self.max_bytes} bytes per request (W2S_SCORING_MAX_BODY_BYTES), or split the request.",
-        )
-        await error_response(error)(scope, receive, send)
 
 
 def create_app(
@@ -178,7 +122,7 @@ def create_app(
     app.state.settings = settings
     app.state.store = store
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.scoring_max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.scoring_max_body_bytes, setting="W2S_SCORING_MAX_BODY_BYTES")
     app.include_router(scoring.router)
     return app
 

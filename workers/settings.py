@@ -128,6 +128,11 @@ class Settings(BaseSettings):
         ge=1,
         description="Bytes a gzip dataset upload may expand to; the API holds it in memory while validating it.",
     )
+    max_request_bytes: int = Field(
+        1024**2,
+        ge=1024,
+        description="Bytes of a JSON request body of the jobs API (1 MiB); larger bodies get 413. Uploads have their own limit.",
+    )
     max_queued_jobs: int = Field(
         100, ge=1, description="Queued top-level jobs at which new job requests get 429 (queue full)."
     )

@@ -7,14 +7,19 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import JobsKey, SettingsDep, StoreDep
 from app.errors import InvalidInput, error_responses
+from app.limits import CountingReceive
 from app.schemas.common import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
 from app.schemas.datasets import DatasetDetail, DatasetPublic
 from app.services import datasets as service
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+# Bytes the multipart envelope (boundaries, part headers, the 'format' field) may add to the file.
+MULTIPART_ENVELOPE_BYTES = 64 * 1024
 
 DatasetId = Annotated[str, Path(description="Dataset id (SHA-256 of the file).", max_length=64)]
 
@@ -69,9 +74,16 @@ async def upload_dataset(request: Request, response: Response, settings: Setting
     """Upload a preference file; it is validated, and the same bytes uploaded again return the same dataset."""
     declared = request.headers.get("content-length")
     # The multipart envelope adds a few hundred bytes to the file itself.
-    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes + 64 * 1024:
+    max_body = settings.max_upload_bytes + MULTIPART_ENVELOPE_BYTES
+    if declared and declared.isdigit() and int(declared) > max_body:
         raise service.too_large(int(declared), settings)
-    form = await request.form(max_files=1, max_fields=4)
+    # A body sent without Content-Length (chunked) is counted while it streams, so it cannot fill
+    # the disk where the multipart parser spools the file.
+    counted = Request(request.scope, CountingReceive(request.receive, max_body, lambda size: service.too_large(size, settings)))
+    try:
+        form = await counted.form(max_files=1, max_fields=4)
+    except StarletteHTTPException as error:
+        raise _multipart_error(error) from None
     try:
         upload = form.get("file")
         data_format = form.get("format") or "auto"
@@ -98,6 +110,31 @@ async def upload_dataset(request: Request, response: Response, settings: Setting
         await form.close()
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return _detail(row)
+
+
+def _multipart_error(error: StarletteHTTPException) -> InvalidInput:
+    """Turn the multipart parser's 400 (too many files or fields, a malformed body) into a 422 naming the part."""
+    detail = str(error.detail)
+    if detail.startswith("Too many files"):
+        return InvalidInput(
+            f"file: {detail} An upload carries one dataset file.",
+            code="too_many_files",
+            field="file",
+            fix="Send one file per request in the form field 'file'.",
+        )
+    if detail.startswith("Too many fields"):
+        return InvalidInput(
+            f"body: {detail} The form takes the fields 'file' and 'format'.",
+            code="too_many_fields",
+            field="body",
+            fix="Send only the form fields 'file' and, optionally, 'format'.",
+        )
+    return InvalidInput(
+        f"body: the multipart form could not be parsed: {detail}",
+        code="invalid_multipart",
+        field="body",
+        fix="Send the dataset as multipart/form-data, e.g. curl -F file=@train.jsonl.",
+    )
 
 
 @router.get("", response_model=Page[DatasetPublic], responses=error_responses(401, 403, 422, 503))
