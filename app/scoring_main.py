@@ -17,9 +17,11 @@ from fastapi import FastAPI
 from app.api.routes import scoring
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
+from app.services.model_policy import check_model_folder
 from app.services.references import find_model
 from ml.serving import ModelNotFound, ModelRef, ModelResolver, ScoringEngine, ServingConfig
-from workers.db import JobStore, upgrade_database
+from app.startup import migrate_or_retry
+from workers.db import JobStore
 from workers.settings import Settings, get_settings
 
 logger = logging.getLogger("app.scoring")
@@ -33,15 +35,21 @@ Every request except health needs `Authorization: Bearer <key>` with the 'score'
 
 
 class RegistryResolver:
-    """Resolves model ids and aliases through the model registry of the job database."""
+    """Resolves model ids and aliases through the model registry of the job database.
 
-    def __init__(self, store: JobStore):
+    A model folder that needs pickle loading or remote code, which the operator has not enabled,
+    is rejected here with 422, before any of its files are loaded.
+    """
+
+    def __init__(self, store: JobStore, settings: Settings):
         self.store = store
+        self.settings = settings
 
     def resolve(self, name: str) -> ModelRef:
         row = find_model(self.store, name)
         if row is None:
             raise ModelNotFound(name)
+        check_model_folder(self.settings, row.path, "model", name)
         return ModelRef(id=row.id, path=row.path, name=row.name)
 
 
@@ -88,9 +96,8 @@ def create_app(
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if settings.auth_disabled:
             logger.warning("authentication is DISABLED (W2S_AUTH_DISABLED=true): every request is accepted as an admin")
-        if settings.auto_migrate:
-            upgrade_database(settings.resolved_database_url)
-        engine = ScoringEngine(resolver or RegistryResolver(store), config)
+        stop_migration_retry = migrate_or_retry(settings.resolved_database_url, logger) if settings.auto_migrate else None
+        engine = ScoringEngine(resolver or RegistryResolver(store, settings), config)
         app.state.scoring_engine = engine
         for name in settings.scoring_preload_models:
             try:
@@ -107,6 +114,8 @@ def create_app(
         )
         yield
         engine.close()
+        if stop_migration_retry is not None:
+            stop_migration_retry.set()
         logger.info("scorer stopped")
 
     app = FastAPI(

@@ -16,6 +16,7 @@ from app.auth import Principal
 from app.errors import Conflict, InvalidInput, NotFound
 from app.schemas.models import AliasPublic, ModelLineage, ModelPublic, ModelRegister
 from app.services.datasets import active_jobs_using
+from app.services.model_policy import check_model_folder
 from app.services.references import MODEL_PREFIX, dataset_ids_of_paths, find_model
 from workers.db import JobStore, ModelAlias, RegisteredModel, utcnow
 from workers.settings import Settings
@@ -167,6 +168,7 @@ def _model_folder(settings: Settings, value: str) -> Path:
             value=value,
             fix="Give a folder written by save_pretrained, with config.json and the weights.",
         )
+    check_model_folder(settings, path, "path", value)
     return path
 
 

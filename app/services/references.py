@@ -15,6 +15,7 @@ from typing import Any, Iterator
 from sqlalchemy import select
 
 from app.errors import InvalidInput
+from app.services.model_policy import check_model_folder
 from workers.db import Dataset, JobStore, ModelAlias, RegisteredModel
 from workers.settings import Settings
 
@@ -155,6 +156,7 @@ class ReferenceResolver:
                     value=value,
                     fix="List models with GET /v1/models, or register one with POST /v1/models.",
                 )
+            check_model_folder(self.settings, row.path, field_name, value)
             resolved.model_ids.add(row.id)
             return row.path
         model_dir = self.settings.model_dir
@@ -174,6 +176,7 @@ class ReferenceResolver:
                 value=value,
                 fix="Use 'model:<id or alias>' of a registered model, or a folder inside the model folder.",
             )
+        check_model_folder(self.settings, path, field_name, value)
         return str(path.resolve())
 
 
