@@ -38,7 +38,14 @@ def ensure_pipeline_children(store: JobStore, parent: Job) -> list[Job]:
     if parent.children:
         return list(parent.children)
     config = PipelineConfig.model_validate(parent.config)
-    for index, stage in enumerate(plan_pipeline(config, Path(parent.out_dir))):
+    stages = plan_pipeline(config, Path(parent.out_dir))
+    root = Path(parent.out_dir).resolve()
+    for stage in stages:
+        # Arm names become folder names; a name such as '../x' must not move a stage's outputs
+        # out of the pipeline's folder. Checked before any child job exists.
+        if not Path(stage.out_dir).resolve().is_relative_to(root):
+            raise JobNotSubmittable(f"pipeline {parent.id}: stage {stage.name} would write to {stage.out_dir}, outside {root}")
+    for index, stage in enumerate(stages):
         store.create_job(
             stage.job_type,
             stage.config.model_dump(mode="json"),

@@ -7,6 +7,7 @@ and the work is queued for the Celery workers.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,26 @@ def _validate(job_type: str, resolved: ResolvedConfig, settings: Settings) -> di
             value=_value_at(resolved.config, first.field),
             fix="Correct the field and send the request again; ml/config.py lists every field with its range.",
         ) from None
+    _check_path_names(parsed)
     return parsed.model_dump(mode="json")
+
+
+# Arm names become folder names of the pipeline's stages (<job folder>/arms/<name>), so they may not
+# contain path separators or start with a dot.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _check_path_names(parsed: Any) -> None:
+    for index, arm in enumerate(getattr(parsed, "arms", None) or []):
+        if not SAFE_NAME.match(arm.name):
+            raise InvalidInput(
+                f"config.arms.{index}.name: {arm.name!r} is not a valid arm name; it becomes a folder name, "
+                "so it needs 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit",
+                code="invalid_name",
+                field=f"config.arms.{index}.name",
+                value=arm.name,
+                fix="Rename the arm, e.g. 'anchored' or 'anchored-0.1'.",
+            )
 
 
 def _value_at(config: dict[str, Any], dotted: str) -> Any:

@@ -107,6 +107,7 @@ class ReferenceResolver:
         return resolved
 
     def _dataset(self, field_name: str, value: str, resolved: ResolvedConfig) -> str:
+        _require_text(field_name, value, "'dataset:<id>' or a path inside the data folder")
         value = strip_folder_variable(value)
         if value.startswith(DATASET_PREFIX):
             dataset_id = value[len(DATASET_PREFIX):]
@@ -145,6 +146,7 @@ class ReferenceResolver:
         return str(path.resolve())
 
     def _model(self, field_name: str, value: str, resolved: ResolvedConfig) -> str:
+        _require_text(field_name, value, "'model:<id or alias>' or a folder inside the model folder")
         value = strip_folder_variable(value)
         if value.startswith(MODEL_PREFIX):
             row = find_model(self.store, value[len(MODEL_PREFIX):])
@@ -178,6 +180,18 @@ class ReferenceResolver:
             )
         check_model_folder(self.settings, path, field_name, value)
         return str(path.resolve())
+
+
+def _require_text(field_name: str, value: str, expected: str) -> None:
+    # An empty path would resolve to the allowed folder itself and fail later with a confusing message.
+    if not value.strip():
+        raise InvalidInput(
+            f"{field_name}: the value is an empty string; expected {expected}",
+            code="empty_value",
+            field=field_name,
+            value=value,
+            fix=f"Give {expected}.",
+        )
 
 
 def find_model(store: JobStore, id_or_alias: str) -> RegisteredModel | None:
