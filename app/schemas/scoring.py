@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -13,7 +13,8 @@ from ml.serving.engine import split_conversation
 class Message(BaseModel):
     """One chat message."""
 
-    role: str = Field(min_length=1, max_length=50, description="'system', 'user' or 'assistant'.")
+    # Chat templates render these three roles; others fail inside the template or are dropped.
+    role: Literal["system", "user", "assistant"] = Field(description="'system', 'user' or 'assistant'.")
     content: str
 
 

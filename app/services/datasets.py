@@ -32,6 +32,8 @@ LISTED_SKIPPED_ROWS = 20
 # Texts in sample pairs are cut to this many characters.
 SAMPLE_TEXT_CHARS = 500
 SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
+# Roles of conversational rows; chat templates render these three, and others fail or are dropped.
+MESSAGE_ROLES = ("system", "user", "assistant")
 
 
 def datasets_root(settings: Settings) -> Path:
@@ -94,6 +96,7 @@ def store_upload(store: JobStore, settings: Settings, principal: Principal, data
         pairs, report = read_preferences_bytes(data, name, data_format, max_bytes=settings.max_upload_decompressed_bytes)
     except DataFormatError as error:
         raise _format_error(error) from None
+    _check_roles(pairs)
     if not pairs:
         raise InvalidInput(
             f"dataset {name} contains no usable pair: all {report.rows_read} rows were skipped "
@@ -134,6 +137,27 @@ def store_upload(store: JobStore, settings: Settings, principal: Principal, data
         return existing, False
     logger.info("dataset %s stored: %s", sha256, report.summary())
     return row, True
+
+
+def _check_roles(pairs: list[PreferencePair]) -> None:
+    """Raise 422 naming the first message whose role is not one that chat templates render."""
+    for pair in pairs:
+        for side in ("prompt", "chosen", "rejected"):
+            messages = getattr(pair, side)
+            if not isinstance(messages, list):
+                continue
+            for index, message in enumerate(messages):
+                role = message.get("role") if isinstance(message, dict) else None
+                if role not in MESSAGE_ROLES:
+                    location = pair.source_id.rpartition(":")[2] or pair.source_id
+                    raise InvalidInput(
+                        f"file {location}: {side}[{index}].role is {role!r}, which is not a chat role; "
+                        f"expected one of {', '.join(MESSAGE_ROLES)}",
+                        code="invalid_dataset",
+                        field=f"file {location} field {side}[{index}].role",
+                        value=role,
+                        fix=f"Rename the role to one of {', '.join(MESSAGE_ROLES)}.",
+                    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
