@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Precision = Literal["auto", "fp32", "bf16"]
 DataFormat = Literal["auto", "trl", "hh", "ranked"]
@@ -18,7 +18,8 @@ DataFormat = Literal["auto", "trl", "hh", "ranked"]
 class _Strict(BaseModel):
     # Unknown keys are errors: a misspelt option silently falling back to its default would change
     # an experiment without anyone noticing.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # NaN and infinity are refused: a NaN learning rate or λ would train garbage without an error.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class DatasetSpec(_Strict):
@@ -29,10 +30,10 @@ class DatasetSpec(_Strict):
     test: str | None = Field(None, description="Path of the held-out test file, same formats.")
     format: DataFormat = Field("auto", description="Reader to use; 'auto' detects it from the fields.")
     max_train_prompts: int | None = Field(
-        None, ge=1, description="Keep only the first N prompts of the train file (all when unset)."
+        None, ge=1, le=10_000_000, description="Keep only the first N prompts of the train file (all when unset)."
     )
     max_test_prompts: int | None = Field(
-        None, ge=1, description="Keep only the first N prompts of the test file (all when unset)."
+        None, ge=1, le=10_000_000, description="Keep only the first N prompts of the test file (all when unset)."
     )
 
     @classmethod
@@ -48,7 +49,7 @@ class LossConfig(_Strict):
     labels: Literal["soft", "hard"] = Field(
         "soft", description="'soft': Bradley-Terry on the weak probability p; 'hard': on 1[p > 0.5]."
     )
-    margin: float = Field(0.0, ge=0, description="Margin m subtracted from r_c - r_r inside the sigmoid, in reward units.")
+    margin: float = Field(0.0, ge=0, le=100, description="Margin m subtracted from r_c - r_r inside the sigmoid, in reward units.")
     logconf_alpha: float = Field(
         0.0, ge=0, le=1, description="Full weight of the auxiliary confidence loss (Burns et al. 2023), 0 to 1; 0 turns it off."
     )
@@ -56,15 +57,45 @@ class LossConfig(_Strict):
         0.2, ge=0, le=1, description="Share of total steps over which the confidence weight ramps linearly from 0 to logconf_alpha."
     )
     center_coef: float = Field(
-        0.0, ge=0, description="Reward centering weight: adds coef * mean((r_c + r_r)^2); 0 turns it off."
+        0.0, ge=0, le=100, description="Reward centering weight: adds coef * mean((r_c + r_r)^2); 0 turns it off."
     )
 
 
-class AnchorConfig(_Strict):
-    """Representation Anchoring: keep pooled hidden states near the frozen pretrained model's."""
+DEFAULT_LAMBDA_GRID = (0.0, 0.03, 0.1, 0.3)
+MAX_LAMBDA = 1000.0
+# Share of split B held out for choosing lambda when a pipeline has an arm with lambda="auto".
+AUTO_VALIDATION_FRACTION = 0.2
 
-    lam: float = Field(0.0, ge=0, description="Penalty weight lambda; 0 is naive weak-to-strong training.")
-    tau: float = Field(0.0, ge=0, description="Drift tolerance tau: distances below it cost nothing; 0 is a plain penalty.")
+
+class AnchorConfig(_Strict):
+    """Representation Anchoring: keep pooled hidden states near the frozen pretrained model's.
+
+    `lambda` (also accepted as `lam`) is a number, or "auto" in a pipeline: every value of
+    `lambda_grid` is trained and the largest one whose source validation accuracy stays within
+    `auto_tolerance` of the best candidate's is kept (see `ml.select`).
+    """
+
+    # `lambda` is a Python keyword, so the attribute is `lam`; configs may write either name.
+    model_config = ConfigDict(populate_by_name=True)
+
+    lam: float | Literal["auto"] = Field(
+        0.0,
+        validation_alias=AliasChoices("lambda", "lam"),
+        description="Penalty weight lambda, 0 to 1000 (0 is naive weak-to-strong training), or 'auto' to choose it from source validation data.",
+    )
+    lambda_grid: list[Annotated[float, Field(ge=0, le=1000)]] = Field(
+        default_factory=lambda: list(DEFAULT_LAMBDA_GRID),
+        min_length=2,
+        max_length=12,
+        description="Candidates tried when lambda is 'auto', each 0 to 1000; include 0 so that no anchoring can win.",
+    )
+    auto_tolerance: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Accuracy (0 to 1) the chosen lambda may lose against the best candidate on source validation; unset: one bootstrap standard error of the best.",
+    )
+    tau: float = Field(0.0, ge=0, le=100, description="Drift tolerance tau: distances below it cost nothing; 0 is a plain penalty.")
     distance: Literal["relative_l2", "cosine"] = Field(
         "relative_l2", description="Per-example drift d: ||h - h0||^2 / ||h0||^2, or 1 - cos(h, h0)."
     )
@@ -74,12 +105,23 @@ class AnchorConfig(_Strict):
         description="Hidden-state layers to anchor (Python indices into hidden_states; -1 is the last).",
     )
 
+    @field_validator("lam")
+    @classmethod
+    def _lambda_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 <= value <= MAX_LAMBDA:
+            raise ValueError(f"lambda must be a number from 0 to {MAX_LAMBDA:g}, or 'auto'; got {value}")
+        return value
+
+    @property
+    def is_auto(self) -> bool:
+        return self.lam == "auto"
+
 
 class LoraSpec(_Strict):
     """Low-rank adapters (peft); merged into the weights before the model is saved."""
 
-    r: int = Field(16, ge=1, description="Adapter rank.")
-    alpha: int = Field(32, ge=1, description="Adapter scaling numerator (lora_alpha).")
+    r: int = Field(16, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, le=4096, description="Adapter scaling numerator (lora_alpha).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; peft's default for the architecture when unset."
@@ -90,26 +132,26 @@ class TrainConfig(_Strict):
     """Fine-tuning settings of one reward model. Defaults follow common reward-model practice at small scale."""
 
     model: str = Field(description="Hub name, local model directory or .gguf file of the pretrained model.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs; fractions allowed.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    learning_rate: float = Field(2e-5, gt=0, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
+    epochs: float = Field(1.0, gt=0, le=100, description="Passes over the training pairs; fractions allowed.")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="Stop after this many optimizer steps (overrides epochs).")
+    learning_rate: float = Field(2e-5, gt=0, le=1, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, le=10, description="AdamW decoupled weight decay.")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of total steps of linear warm-up, then linear decay.")
-    batch_size: int = Field(8, ge=1, description="Pairs per device per forward pass.")
-    grad_accum: int = Field(1, ge=1, description="Forward passes accumulated per optimizer step.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Pairs per device per forward pass.")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Forward passes accumulated per optimizer step.")
     max_length: int = Field(128, ge=16, le=8192, description="Max tokens of prompt + response; prompts are cut from the left.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient clipping norm.")
     precision: Precision = Field("auto", description="'bf16' autocast, 'fp32', or 'auto' (bf16 where the hardware has it).")
     seed: int = Field(0, description="Seed of initialisation, data order and dropout.")
     dropout: bool = Field(False, description="Keep the model's dropout on during training (off is usual for reward models).")
     loss: LossConfig = Field(default_factory=LossConfig)
     anchor: AnchorConfig = Field(default_factory=AnchorConfig)
     l2sp_lambda: float = Field(
-        0.0, ge=0, description="L2-SP baseline: weight on ||theta - theta_0||^2 summed over trained weights; 0 turns it off."
+        0.0, ge=0, le=1e4, description="L2-SP baseline: weight on ||theta - theta_0||^2 summed over trained weights; 0 turns it off."
     )
     lora: LoraSpec | None = Field(None, description="Train low-rank adapters instead of all weights.")
-    save_steps: int = Field(200, ge=1, description="Optimizer steps between checkpoints (used to resume a crashed job).")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+    save_steps: int = Field(200, ge=1, le=10_000_000, description="Optimizer steps between checkpoints (used to resume a crashed job).")
+    save_total_limit: int = Field(2, ge=1, le=100, description="Checkpoints kept on disk; older ones are deleted.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Experiment trackers that transformers sends metrics to."
     )
@@ -125,7 +167,7 @@ class ArmSpec(_Strict):
     name: str = Field(description="Row name in the report, e.g. 'anchored'.")
     labels: Literal["weak", "gold"] = Field("weak", description="'weak' labels from the weak model, or 'gold' (the ceiling).")
     anchor: AnchorConfig | None = Field(None, description="Overrides the student's anchor settings for this arm.")
-    l2sp_lambda: float | None = Field(None, ge=0, description="Overrides the student's L2-SP weight for this arm.")
+    l2sp_lambda: float | None = Field(None, ge=0, le=1e4, description="Overrides the student's L2-SP weight for this arm.")
 
 
 def default_arms() -> list[ArmSpec]:
@@ -148,12 +190,15 @@ class EvalConfig(_Strict):
         le=8192,
         description="Tokens per eval sequence; unset means the 95th percentile of each eval set's lengths, capped at max_length_cap.",
     )
-    max_length_cap: int = Field(512, ge=16, description="Upper bound of the automatic eval length.")
-    batch_size: int = Field(32, ge=1, description="Sequences per forward pass during scoring.")
-    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples (over prompts) for 95 % intervals.")
-    ece_bins: int = Field(10, ge=2, description="Equal-width confidence bins for expected calibration error.")
+    max_length_cap: int = Field(512, ge=16, le=8192, description="Upper bound of the automatic eval length.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Sequences per forward pass during scoring.")
+    bootstrap_samples: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples (over prompts) for 95 % intervals.")
+    ece_bins: int = Field(10, ge=2, le=1000, description="Equal-width confidence bins for expected calibration error.")
     precision: Precision = Field("auto", description="Scoring precision.")
     seed: int = Field(0, description="Seed of the bootstrap.")
+    candidates: bool = Field(
+        False, description="Also report every lambda candidate of an 'auto' arm, to compare the chosen lambda with the others."
+    )
 
 
 class WeakLabelConfig(_Strict):
@@ -169,6 +214,9 @@ class WeakLabelConfig(_Strict):
     labeller_model: str | None = Field(None, description="Reward model directory or hub name (labeller='model').")
     split_fraction: float = Field(0.5, gt=0, lt=1, description="Share of source prompts in gold split A.")
     split_seed: int = Field(0, description="Seed of the prompt-level A/B split.")
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of split B prompts held out with gold labels as source validation data (validation.jsonl), 0 to <1."
+    )
     report_eval_sets: bool = Field(
         True, description="Also score the source test set and every target with the weak model (the pipeline's report does this itself)."
     )
@@ -182,6 +230,8 @@ class WeakLabelConfig(_Strict):
             raise ValueError("weak is missing: labeller='train' needs weak.model (e.g. a MiniLM directory)")
         if self.labeller == "model" and not self.labeller_model:
             raise ValueError("labeller_model is missing: labeller='model' needs a reward model directory or hub name")
+        if self.weak is not None and self.weak.anchor.is_auto:
+            raise ValueError("weak.anchor.lambda='auto' is not supported: give the weak model a number (usually 0)")
         return self
 
 
@@ -194,6 +244,42 @@ class StudentTrainConfig(_Strict):
     heldout: str | None = Field(None, description="In-distribution pairs for the reward normalisation statistics.")
     name: str = Field("student", description="Name recorded in the model metadata.")
 
+    @model_validator(mode="after")
+    def _check_lambda(self) -> "StudentTrainConfig":
+        if self.student.anchor.is_auto:
+            raise ValueError(
+                "student.anchor.lambda='auto' needs a pipeline (it trains several candidates and compares them on "
+                "source validation data); give a number here, or run a pipeline"
+            )
+        return self
+
+
+class LambdaCandidate(_Strict):
+    """One trained candidate of an 'auto' arm: its lambda and model directory."""
+
+    lam: float = Field(ge=0, le=MAX_LAMBDA, validation_alias=AliasChoices("lambda", "lam"), description="Anchor weight it was trained with.")
+    model: str = Field(description="Reward model directory of the candidate.")
+
+
+class SelectLambdaConfig(_Strict):
+    """Choose the anchor weight of one arm from its trained candidates, using source validation data only.
+
+    Rule: the largest lambda whose validation accuracy is at least the best candidate's minus the
+    tolerance (one bootstrap standard error of the best when unset). Larger lambda keeps the student
+    nearer its pretrained representations, which is what should transfer, so ties go to it.
+    """
+
+    name: str = Field(description="Arm name, used in the selection file and the report.")
+    candidates: list[LambdaCandidate] = Field(min_length=1, max_length=12)
+    validation: str = Field(description="Gold-labelled source validation pairs (the weak stage's validation.jsonl).")
+    pretrained: str | None = Field(None, description="Pretrained model to measure each candidate's drift on the validation inputs.")
+    tolerance: float | None = Field(None, ge=0, le=1, description="Accuracy the chosen lambda may lose to the best; unset: one standard error.")
+    max_length: int = Field(128, ge=16, le=8192, description="Tokens per sequence when scoring validation pairs.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Sequences per forward pass.")
+    precision: Precision = Field("auto", description="Scoring precision.")
+    bootstrap_samples: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples over prompts for the standard error.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+
 
 class EvaluateConfig(_Strict):
     """Stage 3 on its own: compare reward models on a source test set and shifted targets."""
@@ -205,6 +291,9 @@ class EvaluateConfig(_Strict):
     baseline: str | None = Field(None, description="Model name PGR and gains are measured against (usually 'weak').")
     ceiling: str | None = Field(None, description="Model name used as the PGR ceiling.")
     pretrained: str | None = Field(None, description="Pretrained model directory to measure representation drift from.")
+    selections: dict[str, str] = Field(
+        default_factory=dict, description="Arm name -> selection.json of its lambda choice, quoted in the report."
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
@@ -221,7 +310,32 @@ class PipelineConfig(_Strict):
     arms: list[ArmSpec] = Field(default_factory=default_arms, min_length=1)
     split_fraction: float = Field(0.5, gt=0, lt=1, description="Share of source prompts in gold split A.")
     split_seed: int = Field(0, description="Seed of the prompt-level A/B split.")
+    validation_fraction: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description=f"Share of split B prompts held out as gold-labelled source validation data, 0 to <1; unset: {AUTO_VALIDATION_FRACTION} when an arm has lambda='auto', else 0.",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def arm_student(self, arm: ArmSpec) -> TrainConfig:
+        """The student settings of one arm: the shared ones with the arm's overrides applied."""
+        student = self.student.model_copy(deep=True)
+        if arm.anchor is not None:
+            student.anchor = arm.anchor.model_copy(deep=True)
+        if arm.l2sp_lambda is not None:
+            student.l2sp_lambda = arm.l2sp_lambda
+        return student
+
+    @property
+    def has_auto_arm(self) -> bool:
+        return any(self.arm_student(arm).anchor.is_auto for arm in self.arms)
+
+    @property
+    def source_validation_fraction(self) -> float:
+        if self.validation_fraction is not None:
+            return self.validation_fraction
+        return AUTO_VALIDATION_FRACTION if self.has_auto_arm else 0.0
 
     @field_validator("arms")
     @classmethod
@@ -241,6 +355,13 @@ class PipelineConfig(_Strict):
         for target in self.targets:
             if target.test is None:
                 raise ValueError(f"targets[{target.name}].test is missing: a target is evaluated on its test file")
+        if self.weak.anchor.is_auto:
+            raise ValueError("weak.anchor.lambda='auto' is not supported: give the weak model a number (usually 0)")
+        if self.has_auto_arm and self.source_validation_fraction == 0:
+            raise ValueError(
+                "validation_fraction is 0 but an arm has anchor.lambda='auto', which is chosen on source validation "
+                f"data; set validation_fraction above 0 (e.g. {AUTO_VALIDATION_FRACTION}) or leave it unset"
+            )
         return self
 
     def weak_label_config(self) -> WeakLabelConfig:
@@ -251,6 +372,7 @@ class PipelineConfig(_Strict):
             weak=self.weak,
             split_fraction=self.split_fraction,
             split_seed=self.split_seed,
+            validation_fraction=self.source_validation_fraction,
             report_eval_sets=False,
             eval=self.eval,
         )
@@ -266,6 +388,7 @@ def _job_configs() -> dict[str, type[BaseModel]]:
         "evaluate": EvaluateConfig,
         "pipeline": PipelineConfig,
         "score_dataset": ScoreDatasetConfig,
+        "select_lambda": SelectLambdaConfig,
     }
 
 

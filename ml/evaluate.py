@@ -49,7 +49,8 @@ def eval_length(renderer: Renderer, pairs: list[PreferencePair], cfg: EvaluateCo
 
 
 def _training_curve(model_dir: str) -> list[dict[str, Any]]:
-    log_path = Path(model_dir).parent / TRAINING_LOG_FILE
+    # resolve(): an 'auto' arm's model is a link to its chosen candidate's folder.
+    log_path = Path(model_dir).resolve().parent / TRAINING_LOG_FILE
     if not log_path.is_file():
         return []
     points = []
@@ -181,6 +182,12 @@ def evaluate_models(cfg: EvaluateConfig, ctx: RunContext) -> dict[str, Any]:
         "training": training,
         **ctx.extra.get("report_settings", {}),
     }
+    selections = {arm: json.loads(Path(path).read_text()) for arm, path in cfg.selections.items()}
+    if selections:
+        settings["lambda_selection"] = {
+            arm: {"lambda": sel["lambda"], "reason": sel["reason"], "candidates": sel["candidates"], "validation": sel["validation"]}
+            for arm, sel in selections.items()
+        }
     report = build_report(
         ctx.extra.get("experiment", cfg.name),
         settings,

@@ -1,4 +1,4 @@
-"""Entry points of the four job types, shared by the CLI and the Celery workers.
+"""Entry points of the job types, shared by the CLI and the Celery workers.
 
 Each `run_*` function takes a validated config and a `RunContext` and returns a JSON-serialisable
 dict of outputs: paths (relative names inside `ctx.out_dir` and absolute paths) and metrics.
@@ -11,6 +11,7 @@ from the same plan.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,11 @@ from pydantic import BaseModel
 
 from ml.config import (
     EvaluateConfig,
+    LambdaCandidate,
     PipelineConfig,
+    SelectLambdaConfig,
     StudentTrainConfig,
+    TrainConfig,
     WeakLabelConfig,
     parse_job_config,
 )
@@ -32,6 +36,8 @@ logger = logging.getLogger(__name__)
 WEAK_STAGE = "weak"
 EVAL_STAGE = "report"
 LABELS_FILE = "labels.jsonl"
+VALIDATION_FILE = "validation.jsonl"
+SELECTION_FILE = "selection.json"
 MODEL_SUBDIR = "model"
 
 
@@ -45,29 +51,74 @@ class Stage:
     out_dir: Path
 
 
+def candidate_name(arm: str, lam: float) -> str:
+    """Report row and stage name of one lambda candidate of an 'auto' arm, e.g. 'anchored[lambda=0.03]'."""
+    return f"{arm}[lambda={lam:g}]"
+
+
 def plan_pipeline(cfg: PipelineConfig, out_dir: Path) -> list[Stage]:
-    """Expand a pipeline into weak labelling, one training stage per arm, and the evaluation."""
+    """Expand a pipeline into weak labelling, training stages, lambda selections and the evaluation.
+
+    An arm with a numeric lambda is one training stage. An arm with lambda='auto' is one training
+    stage per candidate of its grid, then a `select_lambda` stage that links the chosen candidate at
+    `arms/<arm>/model`. Students with identical settings and labels are trained once: a candidate
+    equal to another arm (lambda=0 and the naive arm, typically) reuses that arm's model.
+    """
     out_dir = Path(out_dir)
     weak_dir = out_dir / WEAK_STAGE
     stages = [Stage(WEAK_STAGE, "weak_label", cfg.weak_label_config(), weak_dir)]
+    trained: dict[str, tuple[str, str]] = {}  # training settings -> (row name, model dir)
+
+    def train_stage(name: str, labels: str, student: TrainConfig, arm_dir: Path) -> tuple[str, str, bool]:
+        """Plan one student unless an identical one is planned; return (row name, model dir, is new)."""
+        settings = student.model_dump(mode="json")
+        # The grid and tolerance only matter to 'auto'; a fixed lambda trains the same without them.
+        settings["anchor"] = {k: v for k, v in settings["anchor"].items() if k not in ("lambda_grid", "auto_tolerance")}
+        key = json.dumps([labels, settings], sort_keys=True)
+        if key in trained:
+            return (*trained[key], False)
+        train_cfg = StudentTrainConfig(
+            data=str(weak_dir / LABELS_FILE), labels=labels, student=student, heldout=cfg.source.test, name=name
+        )
+        stages.append(Stage(f"train:{name}", "train", train_cfg, arm_dir))
+        trained[key] = (name, str(arm_dir / MODEL_SUBDIR))
+        return name, trained[key][1], True
 
     models = {"weak": str(weak_dir / MODEL_SUBDIR)}
+    candidate_rows: dict[str, str] = {}
+    selections: dict[str, str] = {}
     for arm in cfg.arms:
-        student = cfg.student.model_copy(deep=True)
-        if arm.anchor is not None:
-            student.anchor = arm.anchor
-        if arm.l2sp_lambda is not None:
-            student.l2sp_lambda = arm.l2sp_lambda
+        student = cfg.arm_student(arm)
         arm_dir = out_dir / "arms" / arm.name
-        train_cfg = StudentTrainConfig(
-            data=str(weak_dir / LABELS_FILE),
-            labels=arm.labels,
-            student=student,
-            heldout=cfg.source.test,
+        if not student.anchor.is_auto:
+            _, models[arm.name], _ = train_stage(arm.name, arm.labels, student, arm_dir)
+            continue
+        candidates = []
+        for lam in sorted(set(student.anchor.lambda_grid)):
+            fixed = student.model_copy(deep=True)
+            fixed.anchor.lam = lam
+            name = candidate_name(arm.name, lam)
+            row, model_dir, new = train_stage(name, arm.labels, fixed, out_dir / "arms" / f"{arm.name}-lambda-{lam:g}")
+            candidates.append(LambdaCandidate(lam=lam, model=model_dir))
+            if new:
+                candidate_rows[row] = model_dir
+        select_cfg = SelectLambdaConfig(
             name=arm.name,
+            candidates=candidates,
+            validation=str(weak_dir / VALIDATION_FILE),
+            pretrained=student.model,
+            tolerance=student.anchor.auto_tolerance,
+            max_length=student.max_length,
+            batch_size=cfg.eval.batch_size,
+            precision=student.precision,
+            bootstrap_samples=cfg.eval.bootstrap_samples,
+            seed=cfg.eval.seed,
         )
-        stages.append(Stage(f"train:{arm.name}", "train", train_cfg, arm_dir))
+        stages.append(Stage(f"select:{arm.name}", "select_lambda", select_cfg, arm_dir))
         models[arm.name] = str(arm_dir / MODEL_SUBDIR)
+        selections[arm.name] = str(arm_dir / SELECTION_FILE)
+    if cfg.eval.candidates:
+        models.update(candidate_rows)
 
     ceiling = next((arm.name for arm in cfg.arms if arm.labels == "gold"), None)
     eval_cfg = EvaluateConfig(
@@ -78,6 +129,7 @@ def plan_pipeline(cfg: PipelineConfig, out_dir: Path) -> list[Stage]:
         baseline="weak",
         ceiling=ceiling,
         pretrained=cfg.student.model,
+        selections=selections,
         eval=cfg.eval,
     )
     stages.append(Stage(EVAL_STAGE, "evaluate", eval_cfg, out_dir / EVAL_STAGE))
@@ -120,6 +172,12 @@ def run_pipeline(cfg: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     return outputs
 
 
+def run_select_lambda(cfg: SelectLambdaConfig, ctx: RunContext) -> dict[str, Any]:
+    from ml.select import select_lambda
+
+    return select_lambda(cfg, ctx)
+
+
 def run_score_dataset(cfg: BaseModel, ctx: RunContext) -> dict[str, Any]:
     from ml.serving.batch import score_dataset
 
@@ -132,6 +190,7 @@ _RUNNERS = {
     "evaluate": run_evaluate,
     "pipeline": run_pipeline,
     "score_dataset": run_score_dataset,
+    "select_lambda": run_select_lambda,
 }
 
 

@@ -311,6 +311,17 @@ def bootstrap_accuracy_ci(
     return Interval(float(values.mean()), low, high)
 
 
+def bootstrap_standard_error(
+    correct: ArrayLike, prompt_ids: Sequence[Any] | np.ndarray, n_samples: int = 1000, seed: int = 0
+) -> float:
+    """Standard deviation of accuracy over prompt resamples: the standard error of `mean(correct)`."""
+    _check_n_samples(n_samples)
+    values = _as_1d(correct, "correct")
+    codes, n_groups = _group_codes(prompt_ids, len(values))
+    samples = _bootstrap_group_means(values[:, None], codes, n_groups, n_samples, seed)[:, 0]
+    return float(np.std(samples, ddof=1))
+
+
 def paired_bootstrap_diff(
     correct_a: ArrayLike,
     correct_b: ArrayLike,

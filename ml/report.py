@@ -622,11 +622,37 @@ def _eval_set_table(report: Report) -> list[str]:
     return _markdown_table(header, body)
 
 
+def _selection_lines(selections: Mapping[str, Any]) -> list[str]:
+    """One paragraph and one table per arm whose lambda was chosen by the 'auto' rule."""
+    lines = []
+    for arm, sel in selections.items():
+        val = sel.get("validation", {})
+        lines += [
+            f"**{arm}**: chose lambda = {sel['lambda']:g}. {sel['reason']}. Source validation: {val.get('pairs')} gold pairs "
+            f"from {val.get('prompts')} prompts held out of split B; no target data was used.",
+            "",
+        ]
+        body = [
+            [
+                f"{c['lambda']:g}" + (" (chosen)" if c["lambda"] == sel["lambda"] else ""),
+                _fmt_ci(c["accuracy"], c["interval"]),
+                _fmt(c["standard_error"]),
+                _fmt(c.get("drift_cos"), 4),
+            ]
+            for c in sel["candidates"]
+        ]
+        lines += _markdown_table(["lambda", "Validation accuracy (95 % CI)", "Std. error", "Drift cos"], body)
+        lines.append("")
+    return lines
+
+
 def _settings_lines(settings: Mapping[str, Any]) -> list[str]:
     if not settings:
         return ["No settings recorded."]
     lines = []
     for key, value in settings.items():
+        if key == "lambda_selection":
+            continue
         text = value if isinstance(value, str) else json.dumps(_to_builtin(value), sort_keys=True)
         lines.append(f"- **{key}**: {text}")
     return lines
@@ -692,6 +718,9 @@ def format_markdown(report: Report) -> str:
         if s.n_truncated:
             limit = "the eval max length" if s.max_length is None else f"{s.max_length} tokens"
             lines.append(f"- {s.name}: {s.n_truncated} of {s.n_pairs} pairs had a sequence cut to {limit}.")
+    if report.settings.get("lambda_selection"):
+        lines += ["", "## Choice of lambda", ""]
+        lines += _selection_lines(report.settings["lambda_selection"])
     lines += ["", "## Settings", ""]
     lines += _settings_lines(report.settings)
     lines += ["", "## Method", ""]

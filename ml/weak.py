@@ -6,7 +6,9 @@ A weak reward model trains on A only and labels B with
     p = P(chosen ≻ rejected) = σ(r_c − r_r),
 
 so no label on B comes from a model that saw B. The labelled pairs go to `labels.jsonl` (TRL explicit
-format with a `label` field), which the student trainer reads.
+format with a `label` field), which the student trainer reads. With `validation_fraction` > 0, a
+share of B's prompts is held out first and written with gold labels to `validation.jsonl`, the
+source validation data that lambda='auto' is chosen on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ml.train import load_limited, train_reward_model
 logger = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.jsonl"
+VALIDATION_FILE = "validation.jsonl"
 
 
 def _with_labels(pairs: list[PreferencePair], probs: np.ndarray) -> list[PreferencePair]:
@@ -67,7 +70,20 @@ def weak_label(cfg: WeakLabelConfig, ctx: RunContext) -> dict[str, Any]:
         return {"labels": str(out_dir / LABELS_FILE), "model_dir": None, "metrics": {"weak_accuracy_b": agreement, "pairs_b": len(labelled)}}
 
     split_a, split_b = split_by_prompt(source, fraction=cfg.split_fraction, seed=cfg.split_seed)
-    logger.info("split %s: A %d pairs (gold, weak model), B %d pairs (weak labels)", cfg.source.name, len(split_a), len(split_b))
+    validation: list[PreferencePair] = []
+    if cfg.validation_fraction > 0:
+        # Held out of B with its gold labels; only the choice of lambda='auto' reads it.
+        validation, split_b = split_by_prompt(split_b, fraction=cfg.validation_fraction, seed=cfg.split_seed + 1)
+        if not validation or not split_b:
+            raise ValueError(
+                f"validation_fraction={cfg.validation_fraction} leaves {len(validation)} validation and {len(split_b)} "
+                f"training pairs in split B of {cfg.source.name}; use more source prompts or another fraction"
+            )
+        write_pairs_jsonl(validation, out_dir / VALIDATION_FILE)
+    logger.info(
+        "split %s: A %d pairs (gold, weak model), B %d pairs (weak labels), %d validation pairs (gold)",
+        cfg.source.name, len(split_a), len(split_b), len(validation),
+    )
 
     if cfg.labeller == "train":
         trained = train_reward_model(
@@ -112,6 +128,7 @@ def weak_label(cfg: WeakLabelConfig, ctx: RunContext) -> dict[str, Any]:
         "mean_label": float(np.mean(probs)),
         "pairs_a": len(split_a),
         "pairs_b": len(split_b),
+        "pairs_validation": len(validation),
         "truncated_b": scores.n_truncated,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -49,6 +49,7 @@ class JobType(str, enum.Enum):
     EVALUATE = "evaluate"
     PIPELINE = "pipeline"
     SCORE_DATASET = "score_dataset"
+    SELECT_LAMBDA = "select_lambda"
 
 
 class JobState(str, enum.Enum):

@@ -16,6 +16,7 @@ from ml.config import (
     DatasetSpec,
     EvaluateConfig,
     PipelineConfig,
+    SelectLambdaConfig,
     StudentTrainConfig,
     TrainConfig,
     WeakLabelConfig,
@@ -112,6 +113,12 @@ class _PathChecker:
         elif isinstance(config, ScoreDatasetConfig):
             self._file("data", config.data)
             self._model("model", config.model)
+        elif isinstance(config, SelectLambdaConfig):
+            self._file("validation", config.validation)
+            for index, candidate in enumerate(config.candidates):
+                self._model(f"candidates.{index}.model", candidate.model)
+            if config.pretrained:
+                self._model("pretrained", config.pretrained)
         return self.errors
 
     def _dataset(self, field: str, spec: DatasetSpec) -> None:

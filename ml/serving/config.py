@@ -67,7 +67,7 @@ class ServingConfig:
 class ScoreDatasetConfig(BaseModel):
     """Job 'score_dataset': score every response of a dataset file with one reward model."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     model: str = Field(description="Reward model directory (or hub name) to score with.")
     data: str = Field(description="Dataset file (JSONL, JSON, Parquet, optionally .gz) in a format ml.data reads.")
@@ -76,5 +76,5 @@ class ScoreDatasetConfig(BaseModel):
     max_length: int | None = Field(
         None, ge=8, le=8192, description="Tokens per sequence; unset uses the model's training max_length."
     )
-    token_budget: int = Field(8192, ge=64, description="Padded tokens (rows x longest row) per forward pass.")
+    token_budget: int = Field(8192, ge=64, le=1_048_576, description="Padded tokens (rows x longest row) per forward pass.")
     output: str = Field(RESULTS_FILE, pattern=r"^\w[\w.-]*$", description="Results file name inside the job folder.")

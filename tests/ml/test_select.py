@@ -1,0 +1,112 @@
+"""anchor.lambda = "auto": the selection rule, the pipeline plan, and a real run on GENIES data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from ml.config import PipelineConfig, StudentTrainConfig
+from ml.context import RunContext
+from ml.jobs import plan_pipeline, run_pipeline
+from ml.select import choose_lambda
+
+
+def _candidate(lam: float, accuracy: float, se: float = 0.02) -> dict:
+    return {"lambda": lam, "accuracy": accuracy, "standard_error": se}
+
+
+def test_rule_takes_largest_lambda_within_one_standard_error():
+    rows = [_candidate(0.0, 0.80), _candidate(0.03, 0.81), _candidate(0.1, 0.795), _candidate(0.3, 0.70)]
+    chosen, reason = choose_lambda(rows, tolerance=None)
+    # best 0.81 ± 0.02: 0.1 (0.795) is within it, 0.3 (0.70) is not.
+    assert chosen["lambda"] == 0.1
+    assert "0.810 at lambda=0.03" in reason and "one standard error" in reason
+
+
+def test_rule_with_fixed_tolerance_and_when_best_is_largest():
+    rows = [_candidate(0.0, 0.80), _candidate(0.1, 0.78), _candidate(0.3, 0.77)]
+    assert choose_lambda(rows, tolerance=0.0)[0]["lambda"] == 0.0
+    assert choose_lambda(rows, tolerance=0.025)[0]["lambda"] == 0.1
+    assert choose_lambda(rows, tolerance=0.05)[0]["lambda"] == 0.3
+    chosen, reason = choose_lambda([_candidate(0.0, 0.6), _candidate(1.0, 0.9)], tolerance=0.01)
+    assert chosen["lambda"] == 1.0 and "has the best source validation accuracy" in reason
+
+
+def _pipeline(genies: Path, minilm: Path, **changes) -> PipelineConfig:
+    data = {
+        "name": "auto-lambda",
+        "source": {
+            "name": "us_history_textbook",
+            "train": str(genies / "us_history_textbook" / "train.json.gz"),
+            "test": str(genies / "us_history_textbook" / "test.json.gz"),
+            "max_train_prompts": 40,
+            "max_test_prompts": 10,
+        },
+        "targets": [{"name": "us_history_fiction", "test": str(genies / "us_history_fiction" / "test.json.gz"), "max_test_prompts": 10}],
+        "weak": {"model": str(minilm), "max_steps": 3, "max_length": 64, "batch_size": 8, "precision": "fp32"},
+        "student": {"model": str(minilm), "max_steps": 3, "max_length": 64, "batch_size": 8, "precision": "fp32"},
+        "arms": [
+            {"name": "naive", "anchor": {"lambda": 0}},
+            {"name": "anchored", "anchor": {"lambda": "auto", "lambda_grid": [0, 0.1, 1.0]}},
+            {"name": "ceiling", "labels": "gold", "anchor": {"lambda": 0}},
+        ],
+        "eval": {"batch_size": 16, "max_length": 64, "bootstrap_samples": 200, "candidates": True},
+    }
+    data.update(changes)
+    return PipelineConfig.model_validate(data)
+
+
+def test_plan_trains_each_distinct_student_once(genies, minilm_dir, tmp_path):
+    cfg = _pipeline(genies, minilm_dir)
+    stages = plan_pipeline(cfg, tmp_path)
+    names = [stage.name for stage in stages]
+    # lambda=0 of the auto arm is the naive arm: trained once, under the naive arm's name.
+    assert names == [
+        "weak", "train:naive", "train:anchored[lambda=0.1]", "train:anchored[lambda=1]",
+        "select:anchored", "train:ceiling", "report",
+    ]
+    select = stages[names.index("select:anchored")].config
+    assert [(c.lam, Path(c.model).parent.name) for c in select.candidates] == [
+        (0.0, "naive"), (0.1, "anchored-lambda-0.1"), (1.0, "anchored-lambda-1"),
+    ]
+    assert cfg.source_validation_fraction == 0.2
+    report_models = stages[-1].config.models
+    assert set(report_models) == {"weak", "naive", "anchored", "ceiling", "anchored[lambda=0.1]", "anchored[lambda=1]"}
+
+
+def test_auto_lambda_config_errors_name_the_field(genies, minilm_dir):
+    with pytest.raises(ValidationError, match="validation_fraction is 0 but an arm has anchor.lambda='auto'"):
+        _pipeline(genies, minilm_dir, validation_fraction=0.0)
+    with pytest.raises(ValidationError, match="lambda must be a number from 0 to 1000, or 'auto'; got -1"):
+        _pipeline(genies, minilm_dir, arms=[{"name": "a", "anchor": {"lambda": -1}}])
+    with pytest.raises(ValidationError, match="needs a pipeline"):
+        StudentTrainConfig.model_validate({"data": "x.jsonl", "student": {"model": "m", "anchor": {"lambda": "auto"}}})
+
+
+def test_pipeline_with_auto_lambda_on_real_data(genies, minilm_dir, tmp_path):
+    cfg = _pipeline(genies, minilm_dir)
+    run_pipeline(cfg, RunContext(tmp_path, extra={"progress_bars": False}))
+
+    validation = [json.loads(line) for line in (tmp_path / "weak" / "validation.jsonl").read_text().splitlines()]
+    labels = [json.loads(line) for line in (tmp_path / "weak" / "labels.jsonl").read_text().splitlines()]
+    assert validation and all("label" not in row for row in validation)
+    assert not {row["prompt_id"] for row in validation} & {row["prompt_id"] for row in labels}
+
+    selection = json.loads((tmp_path / "arms" / "anchored" / "selection.json").read_text())
+    candidates = {c["lambda"]: c for c in selection["candidates"]}
+    assert set(candidates) == {0.0, 0.1, 1.0}
+    expected, _ = choose_lambda(selection["candidates"], tolerance=None)
+    assert selection["lambda"] == expected["lambda"]
+    chosen_dir = (tmp_path / "arms" / "anchored" / "model").resolve()
+    assert chosen_dir == Path(candidates[selection["lambda"]]["model"]).resolve()
+    # Larger lambda keeps the pooled states nearer the pretrained ones on validation inputs.
+    assert candidates[1.0]["drift_cos"] >= candidates[0.0]["drift_cos"] - 1e-3
+
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["settings"]["lambda_selection"]["anchored"]["lambda"] == selection["lambda"]
+    assert {"anchored", "anchored[lambda=0.1]", "anchored[lambda=1]"} <= set(report["rows"])
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "## Choice of lambda" in markdown and selection["reason"] in markdown
