@@ -14,7 +14,9 @@ Used by tests/workers and reusable by the HTTP tests:
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +47,69 @@ FAST_SETTINGS: dict[str, Any] = {
     "task_kill_grace_s": 30,
     "visibility_timeout_s": 3600,
 }
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on at the moment of the call."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    """A `redis-server` subprocess of one test, on its own port and without persistence.
+
+    Fault tests stop and restart it; they never touch a Redis they did not start. Because it keeps
+    no data on disk, a restart loses every message that was in it, which is the worst case for
+    the job system.
+    """
+
+    port: int
+    root: Path
+    popen: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @classmethod
+    def start_new(cls, root: Path) -> "RedisServer":
+        root.mkdir(parents=True, exist_ok=True)
+        server = cls(port=free_port(), root=root)
+        server.start()
+        return server
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed; the fault tests start their own Redis server")
+        log = open(self.root / f"redis-{self.port}.log", "ab")
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.root)]
+        self.popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited with {self.popen.returncode}")
+            if redis_available(self.url):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"redis-server on port {self.port} did not answer within {timeout_s} s")
+
+    def stop(self) -> None:
+        """Stop this server (SIGTERM, then SIGKILL after 10 s) by its process id."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.terminate()
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
 
 
 def redis_available(url: str = REDIS_URL) -> bool:
@@ -234,7 +299,7 @@ class Deployment:
     def close(self) -> None:
         for worker in self.workers:
             worker.stop()
-        if self.settings.broker_url:
+        if self.settings.broker_url and redis_available(self.settings.broker_url):
             client = redis.Redis.from_url(self.settings.broker_url)
             keys = list(client.scan_iter(match=f"{self.settings.redis_key_prefix}*"))
             if keys:
