@@ -40,6 +40,25 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set a.b=value` overrides to a loaded config; values are parsed as YAML (3, 0.1, auto, [1, 2])."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. student.seed=3")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SystemExit(f"--set {item!r}: {part} is not a mapping in the config")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
 def _run(job_type: str, args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -48,7 +67,7 @@ def _run(job_type: str, args: argparse.Namespace) -> int:
     from ml.jobs import run_job
 
     try:
-        config = parse_job_config(job_type, load_config_file(args.config))
+        config = parse_job_config(job_type, apply_overrides(load_config_file(args.config), args.set or []))
     except ValidationError as error:
         print(f"invalid config {args.config}:\n{error}", file=sys.stderr)
         return 2
@@ -118,6 +137,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--config", required=True, help="YAML or JSON config file.")
         parser.add_argument("--out", help="Output folder (default runs/<name>).")
         parser.add_argument("--restart", action="store_true", help="Ignore finished stages and checkpoints in the output folder.")
+        parser.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="Override one config field, e.g. --set student.seed=3 (repeatable)."
+        )
         parser.set_defaults(handler=lambda args, job_type=job_type: _run(job_type, args))
 
     score = subparsers.add_parser("score", help="Score a preference dataset with a reward model and print its accuracy.")

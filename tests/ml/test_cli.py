@@ -1,0 +1,32 @@
+"""The job commands' config loading: ${VAR} expansion of shipped configs and --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ml.cli import apply_overrides, load_config_file
+from ml.config import PipelineConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_study_config_loads_with_seed_override():
+    data = load_config_file(ROOT / "configs" / "study" / "cpu" / "mpnet" / "us_history_textbook__us_history_fiction.yaml")
+    data = apply_overrides(data, ["student.seed=3", "eval.bootstrap_samples=200"])
+    cfg = PipelineConfig.model_validate(data)
+    assert cfg.student.seed == 3 and cfg.eval.bootstrap_samples == 200
+    assert cfg.arm_student(cfg.arms[1]).anchor.is_auto
+    assert cfg.source_validation_fraction == 0.2
+
+
+def test_override_values_are_parsed_as_yaml_and_create_missing_mappings():
+    data = apply_overrides({"student": {"model": "m"}}, ["student.anchor.lambda=auto", "student.anchor.lambda_grid=[0, 0.5]", "name=x"])
+    assert data == {"student": {"model": "m", "anchor": {"lambda": "auto", "lambda_grid": [0, 0.5]}}, "name": "x"}
+
+
+@pytest.mark.parametrize("item, message", [("student.seed", "expected KEY=VALUE"), ("name.sub=1", "name is not a mapping")])
+def test_bad_override_names_the_problem(item, message):
+    with pytest.raises(SystemExit, match=message):
+        apply_overrides({"name": "x", "student": {}}, [item])
