@@ -17,7 +17,8 @@ from app.api.routes import datasets, health, jobs, metrics, models
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import JobCollector, RequestMetrics
-from workers.db import JobStore, upgrade_database
+from app.startup import migrate_or_retry
+from workers.db import JobStore
 from workers.settings import Settings, get_settings
 
 logger = logging.getLogger("app")
@@ -39,10 +40,11 @@ def create_app(settings: Settings | None = None, *, celery: Any = None, store: J
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.auth_disabled:
             logger.warning("authentication is DISABLED (W2S_AUTH_DISABLED=true): every request is accepted as an admin")
-        if settings.auto_migrate:
-            upgrade_database(settings.resolved_database_url)
+        stop_migration_retry = migrate_or_retry(settings.resolved_database_url, logger) if settings.auto_migrate else None
         logger.info("API started; job database %s", store.engine.url.render_as_string(hide_password=True))
         yield
+        if stop_migration_retry is not None:
+            stop_migration_retry.set()
         logger.info("API stopped")
 
     app = FastAPI(
