@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(
         10.0, gt=0, description="Seconds between scans of each worker for jobs whose lease expired."
     )
+    resend_lost_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a queued job may wait with no message in the Redis broker (lost in a restart) before a worker sends it again.",
+    )
     progress_interval_s: float = Field(
         5.0, ge=0, description="Minimum seconds between two progress writes of one job to the database."
     )

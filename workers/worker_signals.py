@@ -33,6 +33,8 @@ class Reaper(threading.Thread):
         self.app = app
         self.settings = get_settings()
         self._stop_event = threading.Event()
+        self._failures = 0
+        self._resend_failures = 0
 
     def run(self) -> None:
         while True:
@@ -45,12 +47,26 @@ class Reaper(threading.Thread):
 
         store = default_store()
         try:
+            if _migration_pending.is_set():
+                _migrate(self.settings)
             reaped = leases.reap_expired_leases(
                 store, max_attempts=self.settings.max_attempts, grace_s=self.settings.heartbeat_s
             )
         except SQLAlchemyError as exc:
-            logger.warning("lease scan failed, will retry in %.0f s: %s", self.settings.reaper_interval_s, exc)
+            self._failures += 1
+            # An outage of the database repeats this every interval; the first failure and every
+            # tenth one are logged.
+            if self._failures == 1 or self._failures % 10 == 0:
+                logger.warning(
+                    "job database unavailable: lease scan failed %d time(s) in a row, retrying every %.0f s: %s",
+                    self._failures,
+                    self.settings.reaper_interval_s,
+                    exc,
+                )
             return
+        if self._failures:
+            logger.info("job database reachable again after %d failed lease scan(s)", self._failures)
+            self._failures = 0
         for job in reaped:
             extra = {"job_id": job.job_id}
             if job.action == "requeued":
@@ -58,19 +74,51 @@ class Reaper(threading.Thread):
                 try:
                     resubmit(job.job_id, store=store, app=self.app)
                 except (JobNotFound, SQLAlchemyError, KombuOperationalError, OSError) as exc:
-                    # The job is now queued with no message, and later scans only look at running
-                    # jobs. An operator has to resubmit it, so this is an error.
+                    # The job is now queued with no message; `resend_lost` sends it once the broker is back.
                     logger.error("requeued job could not be sent again: %s", exc, extra=extra)
             elif job.action == "failed":
                 logger.error("lease of %s expired and no attempts are left; job marked failed", job.previous_owner, extra=extra)
             else:
                 logger.info("lease of %s expired on a cancelled job; job marked cancelled", job.previous_owner, extra=extra)
+        self.resend_lost(store)
+
+    def resend_lost(self, store) -> None:
+        """Send again the queued jobs whose broker message was lost, e.g. in a Redis restart."""
+        from redis.exceptions import RedisError
+
+        from workers.lost_messages import resend_lost_jobs
+
+        try:
+            resend_lost_jobs(store, self.app, self.settings)
+        except (RedisError, SQLAlchemyError, KombuOperationalError, OSError) as exc:
+            # Every scan tries again; while the broker is down the first failure and every tenth are logged.
+            self._resend_failures += 1
+            if self._resend_failures == 1 or self._resend_failures % 10 == 0:
+                logger.warning(
+                    "check for lost broker messages failed %d time(s) in a row, retrying every %.0f s: %s",
+                    self._resend_failures,
+                    self.settings.reaper_interval_s,
+                    exc,
+                )
+            return
+        self._resend_failures = 0
 
     def stop(self) -> None:
         self._stop_event.set()
 
 
 _reaper: Reaper | None = None
+# Set when the migrations could not be applied at start because the database was unreachable.
+_migration_pending = threading.Event()
+_migration_error: list[str] = []
+
+
+def _migrate(settings) -> None:
+    """Apply pending migrations; raises SQLAlchemyError while the database is unreachable."""
+    upgrade_database(settings.resolved_database_url)
+    if _migration_pending.is_set():
+        _migration_pending.clear()
+        logger.info("job database %s reachable; migrations applied", _safe_database_url(settings.resolved_database_url))
 
 
 def _safe_database_url(url: str) -> str:
@@ -93,8 +141,15 @@ def _migrate_on_start(sender: Any = None, **kwargs: Any) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     settings = get_settings()
     if settings.auto_migrate:
-        upgrade_database(settings.resolved_database_url)
-        logger.info("job database %s is at the latest migration", _safe_database_url(settings.resolved_database_url))
+        try:
+            upgrade_database(settings.resolved_database_url)
+            logger.info("job database %s is at the latest migration", _safe_database_url(settings.resolved_database_url))
+        except SQLAlchemyError as exc:
+            # Exiting here would make a supervisor restart the worker in a loop. The worker starts,
+            # and its reaper applies the migrations once the database answers. Logging is not set
+            # up yet, so the error is logged when the worker is ready.
+            _migration_pending.set()
+            _migration_error[:] = [str(getattr(exc, "orig", None) or exc)]
     # Connections opened here must not be shared with the pool processes forked next.
     dispose_engines()
 
@@ -119,6 +174,14 @@ def _start(sender: Any = None, **kwargs: Any) -> None:
         _safe_database_url(settings.resolved_database_url),
         settings.resolved_artifact_root,
     )
+    if _migration_pending.is_set():
+        logger.error(
+            "job database %s unavailable at start; migrations not applied yet, retrying every %.0f s "
+            "(jobs received meanwhile are retried with backoff): %s",
+            _safe_database_url(settings.resolved_database_url),
+            settings.reaper_interval_s,
+            _migration_error[0] if _migration_error else "unknown error",
+        )
     _reaper = Reaper(app)
     _reaper.start()
 
