@@ -19,7 +19,7 @@ BODY_METHODS = ("POST", "PUT", "PATCH")
 def body_too_large(size: int, max_bytes: int, setting: str, exact: bool = True) -> PayloadTooLarge:
     amount = f"{size} bytes" if exact else f"at least {size} bytes"
     return PayloadTooLarge(
-        f"request body has {amount}, over the limit of {max_bytes} bytes",
+        f"request body has {amount}, over the limit of {max_bytes} bytes ({setting})",
         code="body_too_large",
         field="body",
         value=size,

@@ -57,7 +57,7 @@ def check_model_folder(settings: Settings, path: str | Path, field: str, value: 
         if pickles:
             raise InvalidInput(
                 f"{field}: model {value!r} has only pickle checkpoints ({', '.join(pickles)}) and no .safetensors weights; "
-                "pickle loading is disabled on this server",
+                "pickle loading is disabled on this server (W2S_ALLOW_PICKLE)",
                 code="pickle_not_allowed",
                 field=field,
                 value=value,
@@ -69,7 +69,7 @@ def check_model_folder(settings: Settings, path: str | Path, field: str, value: 
         if configs:
             raise InvalidInput(
                 f"{field}: model {value!r} needs remote code (auto_map in {', '.join(configs)}), "
-                "and trust_remote_code is disabled on this server",
+                "and trust_remote_code is disabled on this server (W2S_ALLOW_REMOTE_CODE)",
                 code="remote_code_not_allowed",
                 field=field,
                 value=value,
