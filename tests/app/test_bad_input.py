@@ -88,7 +88,7 @@ def _copy_data(shared_data: Path, root: Path) -> Path:
     return data_dir
 
 
-def _build_models(minilm_dir: Path, root: Path) -> Path:
+def build_model_folders(minilm_dir: Path, root: Path) -> Path:
     """Write the model folder: MiniLM, a pickle-only MiniLM, an auto_map MiniLM and an escaping symlink."""
     import torch
     from safetensors.torch import load_file
@@ -146,7 +146,7 @@ def _scorer(api: Api) -> Iterator[TestClient]:
 def env(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, minilm_dir: Path) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("bad-input")
     data_dir = _copy_data(shared_data, root)
-    model_dir = _build_models(minilm_dir, root)
+    model_dir = build_model_folders(minilm_dir, root)
     folders = {"data_dir": data_dir, "model_dir": model_dir}
     limits = {
         "max_upload_bytes": LIMITED_UPLOAD_BYTES,
