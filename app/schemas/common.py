@@ -11,6 +11,9 @@ Item = TypeVar("Item")
 # Page sizes of list routes: default and maximum items per page.
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+# Largest offset of list routes. Databases store offsets as 64-bit integers, and SQLite raises
+# OverflowError on larger Python ints; no list here comes near a billion items.
+MAX_OFFSET = 1_000_000_000
 
 
 class Page(BaseModel, Generic[Item]):

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.api.deps import JobsKey, SettingsDep, StoreDep
 from app.errors import InvalidInput, error_responses
 from app.limits import CountingReceive
-from app.schemas.common import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
+from app.schemas.common import DEFAULT_PAGE_SIZE, MAX_OFFSET, MAX_PAGE_SIZE, Page
 from app.schemas.datasets import DatasetDetail, DatasetPublic
 from app.services import datasets as service
 
@@ -142,7 +142,7 @@ def list_datasets(
     store: StoreDep,
     principal: JobsKey,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[DatasetPublic]:
     """List uploaded datasets, newest first."""
     rows, total = service.list_datasets(store, limit, offset)

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 
 from app.api.deps import CeleryDep, JobsKey, SettingsDep, StoreDep
 from app.errors import error_responses
-from app.schemas.common import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
+from app.schemas.common import DEFAULT_PAGE_SIZE, MAX_OFFSET, MAX_PAGE_SIZE, Page
 from app.schemas.jobs import JobCreate, JobEvent, JobLogPage, JobPublic, JobStateName, JobTypeName
 from app.services import jobs as service
 from workers.db import TERMINAL_STATES
@@ -62,7 +62,7 @@ def list_jobs(
     owner: Annotated[str | None, Query(description="Only jobs of this API key id (admin keys only).")] = None,
     include_stages: Annotated[bool, Query(description="Also list pipeline stages as jobs of their own.")] = False,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[JobPublic]:
     """List the caller's jobs (every key's for an admin key), newest first."""
     page = service.list_visible_jobs(
@@ -97,7 +97,7 @@ def job_logs(
     job_id: JobId,
     store: StoreDep,
     principal: JobsKey,
-    offset: Annotated[int, Query(ge=0, description="Index of the first line.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Index of the first line.")] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_LOG_PAGE)] = 200,
 ) -> JobLogPage:
     """Return a page of the job's log lines, oldest first."""

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import JobsKey, ModelsKey, SettingsDep, StoreDep
 from app.errors import error_responses
-from app.schemas.common import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
+from app.schemas.common import DEFAULT_PAGE_SIZE, MAX_OFFSET, MAX_PAGE_SIZE, Page
 from app.schemas.models import AliasPublic, AliasSet, ModelPublic, ModelRegister
 from app.services import models as service
 
@@ -27,7 +27,7 @@ def list_models(
     name: Annotated[str | None, Query(description="Only models with this name, e.g. 'anchored'.")] = None,
     job_id: Annotated[str | None, Query(description="Only models trained by this job.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[ModelPublic]:
     """List registered reward models with their lineage, newest first."""
     rows = store.list_models(name=name, job_id=job_id)
