@@ -1,9 +1,9 @@
 """Database migrations at API startup that tolerate an unreachable database.
 
 An API that exits when its database is down is restarted by its supervisor, fails again, and
-loops. The jobs API and the scorer start anyway, answer 503 `database_unavailable` on routes that
+loops. The jobs API and the scorer start anyway, return 503 `database_unavailable` on routes that
 need the database (app/errors.py), and apply the migrations from a background thread once the
-database answers.
+database accepts connections.
 """
 
 from __future__ import annotations

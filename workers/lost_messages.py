@@ -1,6 +1,6 @@
 """Sending again the queued jobs whose broker message is gone.
 
-A job row says `queued`, but only the broker message makes a worker run it. Redis keeps messages
+A job row reads `queued`, but only the broker message makes a worker run it. Redis keeps messages
 in memory, so a Redis restart without persistence (or one that loses the last second of its
 append-only file) drops every queued message, and those jobs would wait forever. The reaper of
 each worker calls `resend_lost_jobs` on every scan: it lists the jobs that should have a message

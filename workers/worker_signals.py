@@ -146,7 +146,7 @@ def _migrate_on_start(sender: Any = None, **kwargs: Any) -> None:
             logger.info("job database %s is at the latest migration", _safe_database_url(settings.resolved_database_url))
         except SQLAlchemyError as exc:
             # Exiting here would make a supervisor restart the worker in a loop. The worker starts,
-            # and its reaper applies the migrations once the database answers. Logging is not set
+            # and its reaper applies the migrations once the database accepts connections. Logging is not set
             # up yet, so the error is logged when the worker is ready.
             _migration_pending.set()
             _migration_error[:] = [str(getattr(exc, "orig", None) or exc)]

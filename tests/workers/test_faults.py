@@ -150,12 +150,12 @@ def _tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
-def test_disk_full_while_saving_fails_job_and_keeps_old_model(
+def test_disk_full_during_save(
     tmp_path: Path, own_redis: RedisServer, train_slice: Path, minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full disk during `save_pretrained` fails the job with ENOSPC; the model registered before is untouched.
 
-    Both attempts run in this process through the worker's runner, so the safetensors writer can be
+    Both jobs run in this process through the worker's runner, so the safetensors writer can be
     replaced by one that writes half a file and then raises OSError(ENOSPC), as a full disk does.
     """
     import transformers.modeling_utils as modeling_utils
