@@ -495,7 +495,7 @@ def loaded_models(scorer: TestClient) -> set[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_bad_request_is_rejected(env: Env, case: Case) -> None:
+def test_bad_request_is_rejected(env: Env, case: Case, record_property: Callable[[str, Any], None]) -> None:
     before = {name: snapshot(env.deployment(name)) for name in ("api", "limited", "permissive")}
     loaded_before = loaded_models(env.scorer)
 
@@ -503,6 +503,9 @@ def test_bad_request_is_rejected(env: Env, case: Case) -> None:
 
     assert response.status_code == case.status, response.text
     error = _error(response)
+    # Kept in --junitxml output; docs/RELIABILITY.md quotes the messages from there.
+    record_property("status", response.status_code)
+    record_property("message", error["message"])
     assert error["code"] == case.code, error
     # A union or list field may add one more part, e.g. 'lam.float' for the float branch of lam.
     assert error["field"] == case.field or error["field"].startswith(f"{case.field}."), error
