@@ -12,7 +12,7 @@ Item = TypeVar("Item")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 # Largest offset of list routes. Databases store offsets as 64-bit integers, and SQLite raises
-# OverflowError on larger Python ints; no list here comes near a billion items.
+# OverflowError on larger Python ints. No list here comes near a billion items.
 MAX_OFFSET = 1_000_000_000
 
 

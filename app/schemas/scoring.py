@@ -13,7 +13,7 @@ from ml.serving.engine import split_conversation
 class Message(BaseModel):
     """One chat message."""
 
-    # Chat templates render these three roles; others fail inside the template or are dropped.
+    # Chat templates render these three roles. Others fail inside the template or are dropped.
     role: Literal["system", "user", "assistant"] = Field(description="'system', 'user' or 'assistant'.")
     content: str
 

@@ -32,7 +32,7 @@ LISTED_SKIPPED_ROWS = 20
 # Texts in sample pairs are cut to this many characters.
 SAMPLE_TEXT_CHARS = 500
 SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
-# Roles of conversational rows; chat templates render these three, and others fail or are dropped.
+# Roles of conversational rows. Chat templates render these three, and others fail or are dropped.
 MESSAGE_ROLES = ("system", "user", "assistant")
 
 

@@ -1,7 +1,7 @@
 """Operator policy on model folders: pickle checkpoints and remote code stay off unless enabled.
 
 Loading a pickle checkpoint (`pytorch_model.bin` and the like) runs `torch.load`, and a config
-with `auto_map` asks transformers to import Python files shipped in the folder. Both can execute
+with `auto_map` makes transformers import Python files shipped in the folder. Both can execute
 code from the folder, so a folder that needs either is rejected with 422 when a client names it
 (registration, job configs, scoring) unless the operator set W2S_ALLOW_PICKLE or
 W2S_ALLOW_REMOTE_CODE. Requests cannot turn either switch on.

@@ -20,6 +20,6 @@ router = APIRouter(prefix="/v1", tags=["operations"])
 def metrics(request: Request, principal: CurrentPrincipal) -> Response:
     """Return the Prometheus metrics of this API process; any valid API key may read them.
 
-    Prometheus sends the key with `authorization: {credentials: <key>}` in its scrape config.
+    Prometheus sends the key with `authorization: {type: Bearer, credentials: <key>}` in its scrape config.
     """
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
