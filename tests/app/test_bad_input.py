@@ -8,7 +8,7 @@ registered model or alias, and no loaded model behind.
 
 The apps run in the ASGI test client over a real Redis and an isolated SQLite store
 (tests/app/conftest.py). The data folder is a copy of three GENIES files plus a symlink that
-points outside it; the model folder holds a copy of MiniLM-L6, a pickle-only MiniLM
+points outside it. The model folder contains a copy of MiniLM-L6, a pickle-only MiniLM
 (pytorch_model.bin written by torch.save), a MiniLM whose config has auto_map, and a symlink to
 a folder outside. Cases already checked by another test are listed in COVERED with that test.
 """
@@ -249,7 +249,8 @@ def served(app: Any) -> Iterator[str]:
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, f"uvicorn did not start on port {port}"
+        assert thread.is_alive(), f"uvicorn exited while starting on port {port}"
+        assert time.monotonic() < deadline, f"uvicorn did not start on port {port} within 30 s"
         time.sleep(0.05)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -534,7 +535,7 @@ def test_covered_cases_exist(name: str) -> None:
     assert callable(getattr(module, test_name, None)), f"{COVERED[name]} no longer exists; move case {name!r} into CASES"
 
 
-# --- requests that are not refused ------------------------------------------------------------------
+# --- requests that are not rejected ------------------------------------------------------------------
 
 
 def test_baseline_job_is_accepted(env: Env) -> None:

@@ -1,7 +1,7 @@
 """Security checks of the jobs API and the scorer: keys on every route, scopes, key storage and
 logging, allowed folders, and the operator switches for pickle and remote code.
 
-The route checks walk `app.routes` of both apps, so a route added later is checked without
+The route checks walk the route table of both apps, so a route added later is checked without
 changing this file. Requests go to the in-process ASGI apps over a real Redis and SQLite store.
 """
 
@@ -27,7 +27,7 @@ from tests.app.conftest import Api, make_api
 from tests.app.test_bad_input import PICKLE_MODEL, REMOTE_CODE_MODEL, build_model_folders
 from workers.settings import Settings
 
-# Routes that answer without a key. Liveness and readiness serve container healthchecks, which
+# Routes that respond without a key. Liveness and readiness serve container healthchecks, which
 # send no key (docker/healthcheck.py). The OpenAPI document and its viewers describe the routes
 # and hold no data.
 PUBLIC = {"/v1/health/live", "/v1/health/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
