@@ -241,7 +241,7 @@ def test_logs_are_paged(api: Api, shared_data: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "code", "message"),
     [
-        ("config.student.anchor", {"lam": -1}, "invalid_config", "student.anchor.lam: Input should be greater than or equal to 0"),
+        ("config.student.anchor", {"lam": -1}, "invalid_config", "student.anchor.lam: Value error, lambda must be a number from 0 to 1000"),
         ("config.source.test", "/etc/passwd", "path_not_allowed", "config.source.test: path '/etc/passwd' is outside the data folder"),
         ("config.source.test", "../outside.json", "path_not_allowed", "config.source.test: path '../outside.json' is outside the data folder"),
         ("config.source.train", "dataset:unknown", "dataset_not_found", "config.source.train: dataset 'unknown' not found"),
