@@ -8,6 +8,8 @@ so the shared PostgreSQL server is never contacted.
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import signal
 import sqlite3
@@ -54,11 +56,11 @@ def evaluate_request(max_test_prompts: int = 4) -> dict[str, Any]:
     }
 
 
-def train_request(max_steps: int) -> dict[str, Any]:
+def train_request(data: str, max_steps: int) -> dict[str, Any]:
     return {
         "type": "train",
         "config": {
-            "data": SOURCE_TRAIN,
+            "data": data,
             "labels": "gold",
             "name": "during-outage",
             "student": {"model": MINILM, "max_steps": max_steps, "batch_size": 8, "max_length": 64, "precision": "fp32", "save_steps": 4},
@@ -120,13 +122,19 @@ def test_redis_restart_loses_no_job(tmp_path: Path, shared_data: Path, own_redis
             before = scorer.post("/v1/score", json=score_body, headers=score_headers)
             assert before.status_code == 200, before.text
 
-            running = api.post("/v1/jobs", json=train_request(max_steps=12), headers=user)
+            train_slice = tmp_path / "train_24.json"
+            train_slice.write_text(json.dumps(json.loads(gzip.open(shared_data / SOURCE_TRAIN).read())[:24]))
+            with train_slice.open("rb") as file:
+                uploaded = api.post("/v1/datasets", files={"file": (train_slice.name, file)}, headers=user)
+            assert uploaded.status_code == 201, uploaded.text
+
+            running = api.post("/v1/jobs", json=train_request(uploaded.json()["reference"], max_steps=12), headers=user)
             assert running.status_code == 202, running.text
             waiting = [api.post("/v1/jobs", json=evaluate_request(), headers=user) for _ in range(3)]
             assert [response.status_code for response in waiting] == [202, 202, 202], [r.text for r in waiting]
             job_ids = [running.json()["id"]] + [response.json()["id"] for response in waiting]
             deployment.wait_for(
-                job_ids[0], lambda row: row.state == "running" and (row.progress_step or 0) >= 1, timeout_s=180, description="training"
+                job_ids[0], lambda row: row.state == "running" and (row.progress_step or 0) >= 1, timeout_s=300, description="training"
             )
             assert all(store.get_job(job_id).state == "queued" for job_id in job_ids[1:])
 
