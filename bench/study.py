@@ -42,9 +42,10 @@ PLOTS = ROOT / "bench" / "plots"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- transfer-study:begin -->", "<!-- transfer-study:end -->"
 
-STUDENTS = {"mpnet": "all-mpnet-base-v2", "smollm2": "SmolLM2-135M-Instruct"}
-# The decoder runs on the shift with the most room between weak and ceiling, and on the one where
-# every model is below chance out of distribution (../shared/REFERENCE.md).
+STUDENTS = {"mpnet": "all-mpnet-base-v2", "smollm2": "SmolLM2-135M-Instruct", "minilm": "all-MiniLM-L6-v2"}
+# The decoder runs on the shift with the most room between the weak model and the ceiling, and on
+# the one where every model, the ceiling too, was below chance out of distribution in a plain
+# single-seed implementation of the protocol.
 DECODER_SHIFTS = ("us_history_textbook", "alpaca_low_quality")
 LAMBDA_GRID = [0.0, 0.01, 0.1, 1.0]
 L2SP_LAMBDA = 0.1
@@ -60,6 +61,16 @@ PLANS: dict[str, dict[str, Any]] = {
         "max_length": {"mpnet": 128},
         "eval_max_length": 128,
         "batch_size": 8,
+    },
+    # Checks the study's machinery in minutes (tests/bench/test_study.py); its numbers mean nothing.
+    "smoke": {
+        "students": ["minilm"],
+        "train_pairs": 90,
+        "test_pairs": 24,
+        "max_length": {"minilm": 64},
+        "eval_max_length": 64,
+        "batch_size": 8,
+        "lambda_grid": [0.0, 1.0],
     },
     "gpu": {
         "students": ["mpnet", "smollm2"],
@@ -105,7 +116,7 @@ def shift_config(plan: str, student: str, shift: dict[str, str]) -> dict[str, An
         "student": {"model": f"${{W2S_MODEL_DIR}}/{STUDENTS[student]}", **train, "seed": 0},
         "arms": [
             {"name": "naive", "anchor": {"lambda": 0.0}},
-            {"name": "anchored", "anchor": {"lambda": "auto", "lambda_grid": LAMBDA_GRID}},
+            {"name": "anchored", "anchor": {"lambda": "auto", "lambda_grid": p.get("lambda_grid", LAMBDA_GRID)}},
             {"name": "l2sp", "anchor": {"lambda": 0.0}, "l2sp_lambda": L2SP_LAMBDA},
             {"name": "ceiling", "labels": "gold", "anchor": {"lambda": 0.0}},
         ],
@@ -151,11 +162,11 @@ def write_configs() -> list[Path]:
 # Running
 
 
-def _recorded() -> set[tuple]:
-    if not RESULTS.is_file():
+def _recorded(results: Path) -> set[tuple]:
+    if not results.is_file():
         return set()
     keys = set()
-    for line in RESULTS.read_text().splitlines():
+    for line in results.read_text().splitlines():
         r = json.loads(line)
         keys.add((r["plan"], r["student"], r["shift"], r["seed"]))
     return keys
@@ -225,13 +236,13 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
 
 
-def run(plan: str, student: str, sources: list[str], seeds: list[int], out: Path) -> None:
+def run(plan: str, student: str, sources: list[str], seeds: list[int], out: Path, results: Path = RESULTS) -> None:
     shifts = {s["source"]: s for s in _shifts()}
     unknown = [s for s in sources if s not in shifts]
     if unknown:
         raise SystemExit(f"--shifts: unknown source {unknown}; expected sources from shifts.json: {sorted(shifts)}")
-    done = _recorded()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    done = _recorded(results)
+    results.parent.mkdir(parents=True, exist_ok=True)
     for source in sources:
         shift = shifts[source]
         config = config_path(plan, student, source)
@@ -239,7 +250,7 @@ def run(plan: str, student: str, sources: list[str], seeds: list[int], out: Path
             raise SystemExit(f"{config} is missing; run `python bench/study.py configs` first")
         for seed in seeds:
             if (plan, student, source, seed) in done:
-                print(f"skip {source} seed {seed}: already in {RESULTS.relative_to(ROOT)}", flush=True)
+                print(f"skip {source} seed {seed}: already in {results}", flush=True)
                 continue
             run_dir = out / plan / student / source / f"seed{seed}"
             first_weak = out / plan / student / source / f"seed{seeds[0]}" / "weak"
@@ -260,7 +271,7 @@ def run(plan: str, student: str, sources: list[str], seeds: list[int], out: Path
                 subprocess.run(command, cwd=ROOT, check=True)
                 minutes = (time.perf_counter() - start) / 60
             record = collect(run_dir, plan, student, shift, seed, minutes, " ".join(["w2s", *command[1:]]))
-            with RESULTS.open("a") as fh:
+            with results.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             print(f"recorded {source} seed {seed} ({minutes:.1f} min)", flush=True)
 
@@ -433,13 +444,13 @@ def load_records(path: Path = RESULTS) -> dict[tuple, list[dict]]:
     return {k: sorted(v, key=lambda r: r["seed"]) for k, v in groups.items()}
 
 
-def render(groups: dict[tuple, list[dict]], plots: list[Path]) -> str:
+def render(groups: dict[tuple, list[dict]], plots: list[Path], results_md: Path = RESULTS_MD, results: Path = RESULTS) -> str:
     summaries = {key: {**summarize_shift(recs), "target": recs[0]["target"]} for key, recs in groups.items()}
     lines = [
         BEGIN,
         "## Transfer study: anchored vs naive weak-to-strong on real shifts",
         "",
-        "Generated by `python bench/study.py report` from `bench/results/transfer.jsonl`; do not edit by hand. "
+        f"Generated by `python bench/study.py report` from `{os.path.relpath(results, ROOT)}`; do not edit by hand. "
         "Each record in that file is one pipeline run (one shift, one seed) with its command, machine, date, "
         "sizes and per-pair correctness, so every number below can be recomputed from it.",
         "",
@@ -458,7 +469,7 @@ def render(groups: dict[tuple, list[dict]], plots: list[Path]) -> str:
         naive_t = t.get("naive", {})
         eval_sizes = ", ".join(f"{n} {v['max_length']} tokens ({v['pairs']} pairs)" for n, v in r0["sets"].items())
         run_minutes = ", ".join(f"{r['minutes']:.0f}" for r in recs)
-        seed_command = r0["command"].replace(f"student.seed={r0['seed']}", "student.seed=K")
+        seed_command = r0["command"].replace(f"student.seed={r0['seed']}", "student.seed=K").replace(f"/seed{r0['seed']} ", "/seedK ")
         lines += [
             f"### {shift} → {s['target']} ({r0['category']}), {student}, plan '{plan}'",
             "",
@@ -516,7 +527,7 @@ def render(groups: dict[tuple, list[dict]], plots: list[Path]) -> str:
             "",
         ]
     lines += _overall(summaries)
-    lines += [""] + [f"![{p.stem}]({p.relative_to(RESULTS_MD.parent).as_posix()})" for p in plots] + ["", END]
+    lines += [""] + [f"![{p.stem}]({os.path.relpath(p, results_md.parent)})" for p in plots] + ["", END]
     return "\n".join(lines)
 
 
@@ -553,20 +564,20 @@ def _overall(summaries: dict[tuple, dict]) -> list[str]:
     return lines
 
 
-def write_report() -> None:
-    groups = load_records()
+def write_report(results: Path = RESULTS, results_md: Path = RESULTS_MD, plots_dir: Path = PLOTS) -> str:
+    groups = load_records(results)
     summaries_for_plot = {key: {**summarize_shift(recs), "target": recs[0]["target"]} for key, recs in groups.items()}
-    plots = _plot(summaries_for_plot, PLOTS)
-    section = render(groups, plots)
-    text = RESULTS_MD.read_text()
+    plots = _plot(summaries_for_plot, plots_dir)
+    section = render(groups, plots, results_md, results)
+    text = results_md.read_text() if results_md.is_file() else ""
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS_MD.write_text(text)
-    print(section)
+    results_md.write_text(text)
+    return section
 
 
 def main() -> None:
@@ -579,15 +590,19 @@ def main() -> None:
     run_p.add_argument("--shifts", nargs="+", required=True, help="Source names from shifts.json, e.g. us_history_textbook.")
     run_p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     run_p.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
-    sub.add_parser("report", help="Regenerate the Transfer section of bench/RESULTS.md and its plots.")
+    run_p.add_argument("--results", type=Path, default=RESULTS, help="Results file (JSON Lines) to append to.")
+    report_p = sub.add_parser("report", help="Regenerate the Transfer section of bench/RESULTS.md and its plots.")
+    report_p.add_argument("--results", type=Path, default=RESULTS)
+    report_p.add_argument("--markdown", type=Path, default=RESULTS_MD, help="Markdown file whose Transfer section is replaced.")
+    report_p.add_argument("--plots", type=Path, default=PLOTS, help="Folder for the plots.")
     args = parser.parse_args()
     if args.command == "configs":
         for path in write_configs():
             print(path.relative_to(ROOT))
     elif args.command == "run":
-        run(args.plan, args.student, args.shifts, args.seeds, args.out.resolve())
+        run(args.plan, args.student, args.shifts, args.seeds, args.out.resolve(), args.results.resolve())
     else:
-        write_report()
+        print(write_report(args.results.resolve(), args.markdown.resolve(), args.plots.resolve()))
 
 
 if __name__ == "__main__":

@@ -6,26 +6,51 @@ it. Every field carries one line of help with its unit and range; `describe_conf
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Precision = Literal["auto", "fp32", "bf16"]
 DataFormat = Literal["auto", "trl", "hh", "ranked"]
 
 
+# Names become folder names and report keys, so they are one path segment of common characters.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _check_name(value: str) -> str:
+    if not NAME_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use 1 to 100 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit, because the name becomes a folder name and a report key"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+def _name_field(default: str | None = None, *, description: str) -> Any:
+    """A name field: 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit."""
+    text = f"{description} Letters, digits, '.', '_' and '-', 1 to 100 characters."
+    if default is None:
+        return Field(description=text)
+    return Field(default, description=text)
+
+
 class _Strict(BaseModel):
     # Unknown keys are errors: a misspelt option silently falling back to its default would change
     # an experiment without anyone noticing.
-    # NaN and infinity are refused: a NaN learning rate or λ would train garbage without an error.
+    # NaN and infinity are rejected, because a NaN learning rate or λ would train garbage without an error.
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class DatasetSpec(_Strict):
     """One preference dataset: a train file, a test file, or both."""
 
-    name: str = Field(description="Short name used in reports, e.g. 'us_history_fiction'.")
+    name: Name = _name_field(description="Short name used in reports, e.g. 'us_history_fiction'.")
     train: str | None = Field(None, description="Path of the training file (JSONL, JSON, Parquet, optionally .gz).")
     test: str | None = Field(None, description="Path of the held-out test file, same formats.")
     format: DataFormat = Field("auto", description="Reader to use; 'auto' detects it from the fields.")
@@ -105,11 +130,14 @@ class AnchorConfig(_Strict):
         description="Hidden-state layers to anchor (Python indices into hidden_states; -1 is the last).",
     )
 
-    @field_validator("lam")
+    @field_validator("lam", mode="before")
     @classmethod
-    def _lambda_range(cls, value: float | str) -> float | str:
-        if value != "auto" and not 0 <= value <= MAX_LAMBDA:
-            raise ValueError(f"lambda must be a number from 0 to {MAX_LAMBDA:g}, or 'auto'; got {value}")
+    def _lambda_range(cls, value: Any) -> Any:
+        # One message for every wrong value, instead of one error per member of the union type.
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_LAMBDA:
+            raise ValueError(f"lambda must be a number from 0 to {MAX_LAMBDA:g}, or 'auto'; got {value!r}")
         return value
 
     @property
@@ -164,7 +192,7 @@ class TrainConfig(_Strict):
 class ArmSpec(_Strict):
     """One student trained in a pipeline, e.g. naive, anchored, ceiling or L2-SP."""
 
-    name: str = Field(description="Row name in the report, e.g. 'anchored'.")
+    name: Name = _name_field(description="Row name in the report and folder name, e.g. 'anchored'.")
     labels: Literal["weak", "gold"] = Field("weak", description="'weak' labels from the weak model, or 'gold' (the ceiling).")
     anchor: AnchorConfig | None = Field(None, description="Overrides the student's anchor settings for this arm.")
     l2sp_lambda: float | None = Field(None, ge=0, le=1e4, description="Overrides the student's L2-SP weight for this arm.")
@@ -242,7 +270,7 @@ class StudentTrainConfig(_Strict):
     labels: Literal["weak", "gold"] = Field("weak", description="Use the file's weak labels, or ignore them (gold).")
     student: TrainConfig
     heldout: str | None = Field(None, description="In-distribution pairs for the reward normalisation statistics.")
-    name: str = Field("student", description="Name recorded in the model metadata.")
+    name: Name = _name_field("student", description="Name recorded in the model metadata.")
 
     @model_validator(mode="after")
     def _check_lambda(self) -> "StudentTrainConfig":
@@ -269,7 +297,7 @@ class SelectLambdaConfig(_Strict):
     nearer its pretrained representations, which is what should transfer, so ties go to it.
     """
 
-    name: str = Field(description="Arm name, used in the selection file and the report.")
+    name: Name = _name_field(description="Arm name, used in the selection file and the report.")
     candidates: list[LambdaCandidate] = Field(min_length=1, max_length=12)
     validation: str = Field(description="Gold-labelled source validation pairs (the weak stage's validation.jsonl).")
     pretrained: str | None = Field(None, description="Pretrained model to measure each candidate's drift on the validation inputs.")
@@ -284,7 +312,7 @@ class SelectLambdaConfig(_Strict):
 class EvaluateConfig(_Strict):
     """Stage 3 on its own: compare reward models on a source test set and shifted targets."""
 
-    name: str = Field("evaluation", description="Experiment name, used in the report title.")
+    name: Name = _name_field("evaluation", description="Experiment name, used in the report title.")
     models: dict[str, str] = Field(min_length=1, description="Report row name -> reward model directory.")
     source: DatasetSpec
     targets: list[DatasetSpec] = Field(default_factory=list)
@@ -300,7 +328,7 @@ class EvaluateConfig(_Strict):
 class PipelineConfig(_Strict):
     """The whole weak-to-strong experiment: weak labels, students, shift report."""
 
-    name: str = Field("w2s", description="Experiment name, used in the report title.")
+    name: Name = _name_field("w2s", description="Experiment name, used in the report title and the default output folder.")
     source: DatasetSpec
     targets: Annotated[list[DatasetSpec], Field(min_length=1)] = Field(
         description="Shifted datasets evaluated out of distribution; at least one."

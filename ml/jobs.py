@@ -70,7 +70,11 @@ def plan_pipeline(cfg: PipelineConfig, out_dir: Path) -> list[Stage]:
     trained: dict[str, tuple[str, str]] = {}  # training settings -> (row name, model dir)
 
     def train_stage(name: str, labels: str, student: TrainConfig, arm_dir: Path) -> tuple[str, str, bool]:
-        """Plan one student unless an identical one is planned; return (row name, model dir, is new)."""
+        """Plan one student unless an identical one is planned; return (row name, model dir, is new).
+
+        The model's metadata name is its folder name, because row names such as 'anchored[lambda=0.1]'
+        are not valid config names.
+        """
         settings = student.model_dump(mode="json")
         # The grid and tolerance only matter to 'auto'; a fixed lambda trains the same without them.
         settings["anchor"] = {k: v for k, v in settings["anchor"].items() if k not in ("lambda_grid", "auto_tolerance")}
@@ -78,7 +82,7 @@ def plan_pipeline(cfg: PipelineConfig, out_dir: Path) -> list[Stage]:
         if key in trained:
             return (*trained[key], False)
         train_cfg = StudentTrainConfig(
-            data=str(weak_dir / LABELS_FILE), labels=labels, student=student, heldout=cfg.source.test, name=name
+            data=str(weak_dir / LABELS_FILE), labels=labels, student=student, heldout=cfg.source.test, name=arm_dir.name
         )
         stages.append(Stage(f"train:{name}", "train", train_cfg, arm_dir))
         trained[key] = (name, str(arm_dir / MODEL_SUBDIR))

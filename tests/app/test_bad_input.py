@@ -381,7 +381,7 @@ CASES = [
     Case("job misspelt field", "job", job_field("student.learning_rat", 0.001),
          422, "invalid_config", "config.student.learning_rat", ("student.learning_rat", "Extra inputs are not permitted")),
     Case("job arm name with ../", "job", job_field("arms.0.name", "../../escape"),
-         422, "invalid_name", "config.arms.0.name", ("'../../escape'", "folder name")),
+         422, "invalid_config", "config.arms.0.name", ("'../../escape'", "folder name")),
     Case("job data symlink leaving data folder", "job", job_field("source.test", ESCAPING_DATA),
          422, "path_not_allowed", "config.source.test", (f"'{ESCAPING_DATA}'", "outside the data folder")),
     Case("job model symlink leaving model folder", "job", job_field("weak.model", ESCAPING_MODEL),

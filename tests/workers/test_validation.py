@@ -27,8 +27,8 @@ def _with(config: dict, path: str, value) -> dict:
         ("weak.model", "nobody/unknown-model", "weak.model", "is not a local path and Hub downloads are disabled"),
         ("source.train", "/data/genies/no_such_set/train.json.gz", "source.train", "dataset file /data/genies/no_such_set/train.json.gz not found"),
         ("targets.0.test", "/data/genies/missing/test.json.gz", "targets.0.test", "not found"),
-        ("student.anchor", {"lam": -0.5}, "student.anchor.lam", "greater than or equal to 0"),
-        ("arms.0.anchor", {"lam": -1.0}, "arms.0.anchor.lam", "greater than or equal to 0"),
+        ("student.anchor", {"lam": -0.5}, "student.anchor.lam", "lambda must be a number from 0 to 1000, or 'auto'; got -0.5"),
+        ("arms.0.anchor", {"lambda": "strong"}, "arms.0.anchor.lambda", "lambda must be a number from 0 to 1000, or 'auto'; got 'strong'"),
         ("targets", [], "targets", "at least 1 item"),
     ],
 )
