@@ -2,7 +2,7 @@
 
 Used by the container healthchecks, because the slim Python images ship neither curl nor wget:
 
-    python /opt/w2s/healthcheck.py http://127.0.0.1:8000/v1/health/ready
+    python /opt/w2s/healthcheck.py http://127.0.0.1:8000/v1/health/live
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def check(url: str, timeout_s: float) -> tuple[bool, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Exit 0 when the URL returns a 2xx status, 1 otherwise.")
-    parser.add_argument("url", help="Health endpoint, e.g. http://127.0.0.1:8000/v1/health/ready.")
+    parser.add_argument("url", help="Health endpoint, e.g. http://127.0.0.1:8000/v1/health/live.")
     parser.add_argument("--timeout", type=float, default=5.0, help="Seconds to wait for the response (default 5).")
     args = parser.parse_args(argv)
 

@@ -263,7 +263,8 @@ def test_model_info(scorer):
 
 
 def test_health_ready(scorer):
-    response = httpx.get(f"{scorer.url}/v1/health/ready", timeout=10)
+    assert httpx.get(f"{scorer.url}/v1/health/ready", timeout=10).status_code == 401
+    response = httpx.get(f"{scorer.url}/v1/health/ready", headers=scorer.headers(), timeout=10)
     assert response.status_code == 200, response.text
     assert response.json()["checks"]["database"] == "ok"
 

@@ -27,12 +27,11 @@ from tests.app.conftest import Api, make_api
 from tests.app.test_bad_input import PICKLE_MODEL, REMOTE_CODE_MODEL, build_model_folders
 from workers.settings import Settings
 
-# Routes that respond without a key. Liveness and readiness serve container healthchecks, which
-# send no key (docker/healthcheck.py). The OpenAPI document and its viewers describe the routes
-# and hold no data.
-PUBLIC = {"/v1/health/live", "/v1/health/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+# Routes that respond without a key. Liveness serves container healthchecks, which send no key
+# (docker/healthcheck.py). The OpenAPI document and its viewers describe the routes and hold no data.
+PUBLIC = {"/v1/health/live", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 # Authenticated routes that any valid key may call, whatever its scopes.
-ANY_KEY = {("jobs", "/v1/metrics")}
+ANY_KEY = {("jobs", "/v1/metrics"), ("jobs", "/v1/health/ready"), ("scorer", "/v1/health/ready")}
 # A key of these roles lacks the scope: tests/app/conftest.py gives user ['jobs'] and scorer ['score'].
 ROLE_WITHOUT = {"jobs": "scorer", "models": "user", "score": "user", "admin": "user"}
 PATH_VALUES = {"plot": "accuracy", "alias": "prod"}

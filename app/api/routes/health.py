@@ -1,4 +1,4 @@
-"""Liveness and readiness of the API, used by container healthchecks and load balancers."""
+"""Liveness (no key, used by container healthchecks) and readiness (any valid key) of the API."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import text
 
-from app.api.deps import CeleryDep, SettingsDep, StoreDep
+from app.api.deps import CeleryDep, CurrentPrincipal, SettingsDep, StoreDep
 from app.errors import ServiceUnavailable, error_responses
 from app.schemas.health import Liveness, Readiness
 
@@ -45,9 +45,12 @@ async def _probe(name: str, function, *args, timeout_s: float) -> str:
     return "ok"
 
 
-@router.get("/ready", response_model=Readiness, responses=error_responses(503))
-async def ready(settings: SettingsDep, store: StoreDep, celery: CeleryDep) -> Readiness:
-    """Check the job database and the broker; 503 names the one that is down."""
+@router.get("/ready", response_model=Readiness, responses=error_responses(401, 503))
+async def ready(settings: SettingsDep, store: StoreDep, celery: CeleryDep, _principal: CurrentPrincipal) -> Readiness:
+    """Check the job database and the broker; 503 names the one that is down.
+
+    Needs any valid key, because the answer names internal services; probes without a key use /live.
+    """
     timeout_s = settings.health_timeout_s
     database, broker = await asyncio.gather(
         _probe("database", _check_database, store, timeout_s=timeout_s),

@@ -301,9 +301,14 @@ def _check_database(store) -> None:
         connection.execute(text("SELECT 1"))
 
 
-@router.get("/v1/health/ready", response_model=Readiness, responses=error_responses(503), tags=["operations"])
-async def ready(settings: SettingsDep, store: StoreDep, engine: EngineDep) -> Readiness:
-    """Check the database (API keys and the model registry); 503 when it is down."""
+@router.get("/v1/health/ready", response_model=Readiness, responses=error_responses(401, 503), tags=["operations"])
+async def ready(
+    settings: SettingsDep, store: StoreDep, engine: EngineDep, _principal: Annotated[Principal, Depends(current_principal)]
+) -> Readiness:
+    """Check the database (API keys and the model registry); 503 when it is down.
+
+    Needs any valid key, because the answer names internal services; probes without a key use /live.
+    """
     try:
         await asyncio.wait_for(asyncio.to_thread(_check_database, store), timeout=settings.health_timeout_s)
     except Exception as error:  # every failure means "not ready"; the reason goes to the client and the log
