@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from app.schemas.jobs import JobError, JobProgress, JobPublic, JobStage
 from app.services.references import ReferenceResolver, ResolvedConfig
 from workers.db import Job, JobReference, JobState, JobStore, JobType
 from workers.settings import Settings
-from workers.submit import cancel_job, submit_job
+from workers.submit import FAIL_FAST_RETRY_POLICY, cancel_job, submit_job
 from workers.joblog import LOG_FILE
 from workers.validation import JobConfigError, validate_job_config
 
@@ -117,6 +118,11 @@ def public_job(store: JobStore, job: Job) -> JobPublic:
 
 
 # --- Creation -------------------------------------------------------------------------------------
+
+
+# NOTE: serialises admissions within one API process only. When several API replicas admit at
+# the same moment, the queue can exceed its limit by up to one job per additional replica.
+_ADMISSION_LOCK = threading.Lock()
 
 
 def _check_queue(store: JobStore, settings: Settings) -> None:
@@ -230,10 +236,12 @@ def create_and_submit(
         existing = _existing_for_key(store, principal.key_id, idempotency_key)
         if existing is not None:
             return _replay(store, existing, job_type, config_json, idempotency_key), False
-    _check_queue(store, settings)
-
     try:
-        job = store.create_job(job_type, config_json, owner=principal.key_id, idempotency_key=idempotency_key, check_paths=False)
+        # The count and the insert must not interleave with another request's, or a burst admits
+        # more jobs than the limit (seen: 116 of 200 against a limit of 100).
+        with _ADMISSION_LOCK:
+            _check_queue(store, settings)
+            job = store.create_job(job_type, config_json, owner=principal.key_id, idempotency_key=idempotency_key, check_paths=False)
     except IntegrityError:
         # A concurrent request with the same Idempotency-Key inserted its job first.
         existing = _existing_for_key(store, principal.key_id, idempotency_key or "")
@@ -250,7 +258,7 @@ def create_and_submit(
             session.add(JobReference(job_id=job.id, kind="rerun_of", ref_id=rerun_of))
 
     try:
-        job = submit_job(job.id, store=store, app=celery)
+        job = submit_job(job.id, store=store, app=celery, retry_policy=FAIL_FAST_RETRY_POLICY)
     except (BrokerError, OSError) as error:
         # Without a message no worker would ever run the row, so it goes; a retry with the same
         # Idempotency-Key then creates the job afresh.

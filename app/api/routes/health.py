@@ -49,7 +49,7 @@ async def _probe(name: str, function, *args, timeout_s: float) -> str:
 async def ready(settings: SettingsDep, store: StoreDep, celery: CeleryDep, _principal: CurrentPrincipal) -> Readiness:
     """Check the job database and the broker; 503 names the one that is down.
 
-    Needs any valid key, because the answer names internal services; probes without a key use /live.
+    Needs any valid key, because the response names internal services. Probes without a key use /live.
     """
     timeout_s = settings.health_timeout_s
     database, broker = await asyncio.gather(

@@ -307,7 +307,7 @@ async def ready(
 ) -> Readiness:
     """Check the database (API keys and the model registry); 503 when it is down.
 
-    Needs any valid key, because the answer names internal services; probes without a key use /live.
+    Needs any valid key, because the response names internal services. Probes without a key use /live.
     """
     try:
         await asyncio.wait_for(asyncio.to_thread(_check_database, store), timeout=settings.health_timeout_s)
