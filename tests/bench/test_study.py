@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import study  # noqa: E402
+from ml.select import choose_lambda  # noqa: E402
 
 
 def test_hierarchical_bootstrap_covers_seed_spread():
@@ -42,6 +43,23 @@ def test_smoke_study_records_runs_and_generates_the_section(tmp_path):
     assert set(records[0]["sets"]) == {"us_history_textbook", "us_history_fiction", "hh_harmless"}
     assert {"naive", "anchored", "anchored[lambda=1]", "l2sp", "ceiling"} <= set(records[0]["models"])
     assert records[0]["selection"]["lambda"] in (0.0, 1.0) and records[0]["selection"]["reason"]
+
+    # The 'auto' arm of seed 0: gold validation pairs held out of B, and the rule applied to them.
+    run_dir = tmp_path / "runs" / "smoke" / "minilm" / "us_history_textbook" / "seed0"
+    validation = [json.loads(line) for line in (run_dir / "weak" / "validation.jsonl").read_text().splitlines()]
+    labels = [json.loads(line) for line in (run_dir / "weak" / "labels.jsonl").read_text().splitlines()]
+    assert validation and all("label" not in row for row in validation)
+    assert not {row["prompt_id"] for row in validation} & {row["prompt_id"] for row in labels}
+    selection = json.loads((run_dir / "arms" / "anchored" / "selection.json").read_text())
+    candidates = {c["lambda"]: c for c in selection["candidates"]}
+    assert set(candidates) == {0.0, 1.0}
+    assert selection["lambda"] == choose_lambda(selection["candidates"], tolerance=None)[0]["lambda"]
+    assert Path(candidates[0.0]["model"]).parent.name == "naive"
+    chosen_dir = (run_dir / "arms" / "anchored" / "model").resolve()
+    assert chosen_dir == Path(candidates[selection["lambda"]]["model"]).resolve()
+    report_md = (run_dir / "report" / "report.md").read_text()
+    assert "## Choice of lambda" in report_md
+    assert selection["reason"] in report_md
 
     # A second invocation finds both seeds recorded and runs nothing.
     again = subprocess.run(run, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
