@@ -71,6 +71,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "eval_max_length": 64,
         "batch_size": 8,
         "lambda_grid": [0.0, 1.0],
+        "l2sp": False,
     },
     "gpu": {
         "students": ["mpnet", "smollm2"],
@@ -117,7 +118,7 @@ def shift_config(plan: str, student: str, shift: dict[str, str]) -> dict[str, An
         "arms": [
             {"name": "naive", "anchor": {"lambda": 0.0}},
             {"name": "anchored", "anchor": {"lambda": "auto", "lambda_grid": p.get("lambda_grid", LAMBDA_GRID)}},
-            {"name": "l2sp", "anchor": {"lambda": 0.0}, "l2sp_lambda": L2SP_LAMBDA},
+            *([{"name": "l2sp", "anchor": {"lambda": 0.0}, "l2sp_lambda": L2SP_LAMBDA}] if p.get("l2sp", True) else []),
             {"name": "ceiling", "labels": "gold", "anchor": {"lambda": 0.0}},
         ],
         "validation_fraction": 0.2,
@@ -131,8 +132,8 @@ def shift_config(plan: str, student: str, shift: dict[str, str]) -> dict[str, An
 
 
 def _shifts() -> list[dict[str, str]]:
-    os.environ.setdefault("W2S_DATA_DIR", str(ROOT.parent / "shared" / "data"))
-    return json.loads(Path(os.path.expandvars(SHIFTS_FILE)).read_text())
+    data_dir = os.environ.get("W2S_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    return json.loads(Path(SHIFTS_FILE.replace("${W2S_DATA_DIR}", data_dir)).read_text())
 
 
 def config_path(plan: str, student: str, source: str) -> Path:

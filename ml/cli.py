@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON job config, expanding ${VAR} references from the environment.
 
     W2S_DATA_DIR and W2S_MODEL_DIR default to ../shared/data and ./models when unset, so the
-    shipped configs run from the project root as they are.
+    shipped configs run from the project root as they are. The environment itself is not changed:
+    the worker settings read the same variables as allowed folders.
     """
-    os.environ.setdefault("W2S_DATA_DIR", DEFAULT_DATA_DIR)
-    os.environ.setdefault("W2S_MODEL_DIR", DEFAULT_MODELS_DIR)
-    text = os.path.expandvars(Path(path).read_text())
+    if not Path(path).is_file():
+        raise SystemExit(f"config file {path} not found; give the path of a YAML or JSON job config, e.g. configs/quick/*.yaml")
+    values = {"W2S_DATA_DIR": DEFAULT_DATA_DIR, "W2S_MODEL_DIR": DEFAULT_MODELS_DIR, **os.environ}
+    text = re.sub(r"\$\{(\w+)\}", lambda match: values.get(match.group(1), match.group(0)), Path(path).read_text())
     unset = sorted(set(re.findall(r"\$\{(\w+)\}", text)))
     if unset:
         raise SystemExit(f"config {path} uses environment variables that are not set: {', '.join(unset)}; export them first")
@@ -38,6 +41,53 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SystemExit(f"config {path} must be a mapping of fields, got {type(data).__name__}")
     return data
+
+
+def config_name(name: str, field: Any) -> str:
+    """Return the name a config file uses for a field: its first alias when it has several (e.g. 'lambda')."""
+    choices = getattr(field.validation_alias, "choices", None)
+    return str(choices[0]) if choices else name
+
+
+def _model_types(annotation: Any) -> list[type]:
+    """Return the pydantic model classes inside an annotation such as `X | None` or `list[X]`."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [t for arg in typing.get_args(annotation) for t in _model_types(arg)]
+
+
+def _fields_at(model: type, location: tuple) -> list[str]:
+    """Return the field names accepted at `location` (a pydantic error location) of `model`, or []."""
+    current = [model]
+    for part in location:
+        if isinstance(part, int):
+            continue
+        following = []
+        for cls in current:
+            field = cls.model_fields.get(part) or next(
+                (f for f in cls.model_fields.values() if f.validation_alias is not None and part in getattr(f.validation_alias, "choices", [])),
+                None,
+            )
+            if field is not None:
+                following += _model_types(field.annotation)
+        current = following
+    return sorted({config_name(name, field) for cls in current for name, field in cls.model_fields.items()})
+
+
+def format_validation_errors(error: Any, model: type) -> list[str]:
+    """Format one line per invalid field as `path: message`; lines for unknown fields list the valid ones."""
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "config"
+        line = f"  {path}: {item['msg']}"
+        if item["type"] == "extra_forbidden":
+            valid = _fields_at(model, tuple(item["loc"][:-1]))
+            if valid:
+                line += f"; valid fields here: {', '.join(valid)}"
+        lines.append(line)
+    return lines
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -62,14 +112,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _run(job_type: str, args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from ml.config import parse_job_config
+    from ml.config import JOB_CONFIGS, parse_job_config
     from ml.context import RunContext
     from ml.jobs import run_job
 
     try:
         config = parse_job_config(job_type, apply_overrides(load_config_file(args.config), args.set or []))
     except ValidationError as error:
-        print(f"invalid config {args.config}:\n{error}", file=sys.stderr)
+        print(f"invalid config {args.config}:", file=sys.stderr)
+        print("\n".join(format_validation_errors(error, JOB_CONFIGS[job_type])), file=sys.stderr)
         return 2
     out_dir = Path(args.out or Path("runs") / getattr(config, "name", job_type))
     ctx = RunContext(out_dir=out_dir, resume=not args.restart, extra={})

@@ -335,7 +335,9 @@ class PipelineConfig(_Strict):
     )
     weak: TrainConfig = Field(description="Weak model (trained on gold split A).")
     student: TrainConfig = Field(description="Strong student settings shared by every arm.")
-    arms: list[ArmSpec] = Field(default_factory=default_arms, min_length=1)
+    arms: list[ArmSpec] = Field(
+        default_factory=default_arms, min_length=1, description="Students to train and compare; names must be unique."
+    )
     split_fraction: float = Field(0.5, gt=0, lt=1, description="Share of source prompts in gold split A.")
     split_seed: int = Field(0, description="Seed of the prompt-level A/B split.")
     validation_fraction: float | None = Field(
@@ -431,14 +433,22 @@ def parse_job_config(job_type: str, data: dict) -> BaseModel:
 
 
 def describe_config(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """Render one help line per field, recursing into nested configs."""
+    """Render one help line per field, recursing into nested configs and lists of them (as `arms[].name`)."""
     lines = []
     for name, field in model.model_fields.items():
+        choices = getattr(field.validation_alias, "choices", None)
+        name = str(choices[0]) if choices else name
         annotation = field.annotation
         nested = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         if nested is not None:
             lines.extend(describe_config(nested, prefix=f"{prefix}{name}."))
             continue
-        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        value = None if field.is_required() else field.get_default(call_default_factory=True)
+        if isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            value = [v.model_dump(exclude_defaults=True) for v in value]
+        default = "required" if field.is_required() else f"default {value!r}"
         lines.append(f"{prefix}{name}: {field.description or ''} ({default})")
+        items = [arg for arg in getattr(annotation, "__args__", ()) if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        if getattr(annotation, "__origin__", None) is list and items:
+            lines.extend(describe_config(items[0], prefix=f"{prefix}{name}[]."))
     return lines

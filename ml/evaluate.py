@@ -49,7 +49,6 @@ def eval_length(renderer: Renderer, pairs: list[PreferencePair], cfg: EvaluateCo
 
 
 def _training_curve(model_dir: str) -> list[dict[str, Any]]:
-    # resolve(): an 'auto' arm's model is a link to its chosen candidate's folder.
     log_path = Path(model_dir).resolve().parent / TRAINING_LOG_FILE
     if not log_path.is_file():
         return []

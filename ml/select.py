@@ -2,7 +2,7 @@
 
 A user deploying a reward model has no labels for the shift it will meet, so λ is chosen from source
 data and the pretrained model alone. Every candidate λ of the arm's grid is trained on the same
-weak labels; each is then scored on a gold-labelled validation split held out of source split B.
+weak labels. Each is then scored on a gold-labelled validation split held out of source split B.
 
 Rule: let `best` be the highest validation accuracy among the candidates and `tol` the tolerance
 (one bootstrap standard error of `best`, over prompts, unless the config gives one). The chosen λ is
@@ -11,8 +11,8 @@ pretrained ones, which is what the method expects to transfer; the rule takes as
 source data says costs nothing measurable in distribution.
 
 The stage writes `selection.json` (every candidate's accuracy, interval and drift, the chosen λ and
-the reason) and a `model` link to the chosen candidate's model directory, so later stages read the
-arm's model at the same path as any other arm's.
+the reason) and a `model` folder with the chosen candidate's files, so later stages read the arm's
+model at the same path as any other arm's.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ from ml.data import read_preferences
 from ml.metrics import bootstrap_accuracy_ci, bootstrap_standard_error, mean_cosine
 from ml.modeling import default_device, load_reward_model, resolve_precision
 from ml.scoring import score_pairs
+from ml.train import TRAINING_LOG_FILE
 
 logger = logging.getLogger(__name__)
 
 SELECTION_FILE = "selection.json"
-MODEL_LINK = "model"
+MODEL_DIR = "model"
 
 
 def choose_lambda(candidates: list[dict[str, Any]], tolerance: float | None) -> tuple[dict[str, Any], str]:
@@ -59,15 +61,40 @@ def choose_lambda(candidates: list[dict[str, Any]], tolerance: float | None) -> 
     return chosen, reason
 
 
-def _link_model(out_dir: Path, target: Path) -> Path:
-    """Point `out_dir/model` at the chosen candidate with a relative link, replaced atomically."""
-    link = out_dir / MODEL_LINK
-    tmp = out_dir / f".{MODEL_LINK}.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(os.path.relpath(target, out_dir), tmp, target_is_directory=True)
-    os.replace(tmp, link)
-    return link
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # another file system, or links not allowed: copy the bytes instead
+        shutil.copy2(source, destination)
+
+
+def _place_chosen_model(out_dir: Path, chosen: Path) -> Path:
+    """Make `out_dir/model` a plain folder with the chosen candidate's files, replaced atomically.
+
+    The files are hard links where the file system allows them, so the copy costs no space, and
+    `cp -r` or an upload of the folder copies ordinary files. The candidate's training log goes
+    beside it, so the report draws the arm's training curve.
+    """
+    final = out_dir / MODEL_DIR
+    staging = out_dir / f".{MODEL_DIR}.staging"
+    previous = out_dir / f".{MODEL_DIR}.previous"
+    for leftover in (staging, previous):
+        if leftover.is_symlink() or leftover.is_file():
+            leftover.unlink()
+        elif leftover.exists():
+            shutil.rmtree(leftover)
+    shutil.copytree(chosen, staging, copy_function=_link_or_copy)
+    if final.is_symlink():
+        final.unlink()
+    elif final.exists():
+        final.rename(previous)
+    staging.rename(final)
+    if previous.exists():
+        shutil.rmtree(previous)
+    log = chosen.parent / TRAINING_LOG_FILE
+    if log.is_file():
+        shutil.copy2(log, out_dir / TRAINING_LOG_FILE)
+    return final
 
 
 def select_lambda(cfg: SelectLambdaConfig, ctx: RunContext) -> dict[str, Any]:
@@ -125,6 +152,6 @@ def select_lambda(cfg: SelectLambdaConfig, ctx: RunContext) -> dict[str, Any]:
         "candidates": rows,
     }
     (out_dir / SELECTION_FILE).write_text(json.dumps(selection, indent=2) + "\n")
-    link = _link_model(out_dir, Path(chosen["model"]))
+    model_dir = _place_chosen_model(out_dir, Path(chosen["model"]))
     logger.info("%s: %s", cfg.name, reason)
-    return {"selection": str(out_dir / SELECTION_FILE), "model_dir": str(link), "lambda": chosen["lambda"], "reason": reason}
+    return {"selection": str(out_dir / SELECTION_FILE), "model_dir": str(model_dir), "lambda": chosen["lambda"], "reason": reason}

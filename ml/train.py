@@ -232,6 +232,33 @@ def _apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return get_peft_model(model, lora)
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _check_same_settings(stage: str, model_dir: Path, saved: dict[str, Any] | None, cfg: TrainConfig) -> None:
+    """Raise when a finished model in the output folder was trained with other settings than `cfg`.
+
+    Without this, re-running into the same folder with a changed config (say another seed) would
+    silently report the old model. Models saved without their settings are not checked.
+    """
+    if saved is None:
+        return
+    old = _flatten(saved)
+    new = _flatten(json.loads(json.dumps(cfg.model_dump(), default=str)))
+    changed = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if changed:
+        raise ValueError(
+            f"{stage}: {model_dir} was trained with other settings ({'; '.join(changed[:5])}); "
+            "write to another output folder (--out), or pass --restart to train again"
+        )
+
+
 def train_reward_model(
     cfg: TrainConfig,
     pairs: Sequence[PreferencePair],
@@ -253,10 +280,12 @@ def train_reward_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     final_dir = out_dir / "model"
     if is_complete_model_dir(final_dir) and ctx.resume:
+        saved = json.loads((final_dir / "w2s_metadata.json").read_text())
+        _check_same_settings(stage, final_dir, saved.get("training_config"), cfg)
         logger.info("%s: model already complete at %s, skipping training", stage, final_dir)
         log_path = out_dir / TRAINING_LOG_FILE
         history = json.loads(log_path.read_text()) if log_path.is_file() else []
-        return {"model_dir": str(final_dir), "history": history, "metrics": json.loads((final_dir / "w2s_metadata.json").read_text()).get("train_metrics", {})}
+        return {"model_dir": str(final_dir), "history": history, "metrics": saved.get("train_metrics", {})}
     if not pairs:
         raise ValueError(f"{stage}: no training pairs; check the dataset path and its prompt limits")
 

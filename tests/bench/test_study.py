@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -30,6 +32,8 @@ def test_hierarchical_bootstrap_covers_seed_spread():
     assert high2 - low2 > high - low
 
 
+# Two seeds of five small MiniLM pipelines: minutes on a quiet 2-core machine, longer when shared.
+@pytest.mark.timeout(2400)
 def test_smoke_study_records_runs_and_generates_the_section(tmp_path):
     results = tmp_path / "transfer.jsonl"
     run = [sys.executable, "bench/study.py", "run", "--plan", "smoke", "--student", "minilm",
@@ -41,7 +45,7 @@ def test_smoke_study_records_runs_and_generates_the_section(tmp_path):
     assert records[0]["weak"] == records[1]["weak"]
     assert records[0]["models"]["weak"]["us_history_fiction"]["correct"] == records[1]["models"]["weak"]["us_history_fiction"]["correct"]
     assert set(records[0]["sets"]) == {"us_history_textbook", "us_history_fiction", "hh_harmless"}
-    assert {"naive", "anchored", "anchored[lambda=1]", "l2sp", "ceiling"} <= set(records[0]["models"])
+    assert {"naive", "anchored", "anchored[lambda=1]", "ceiling"} <= set(records[0]["models"])
     assert records[0]["selection"]["lambda"] in (0.0, 1.0) and records[0]["selection"]["reason"]
 
     # The 'auto' arm of seed 0: gold validation pairs held out of B, and the rule applied to them.
@@ -55,8 +59,12 @@ def test_smoke_study_records_runs_and_generates_the_section(tmp_path):
     assert set(candidates) == {0.0, 1.0}
     assert selection["lambda"] == choose_lambda(selection["candidates"], tolerance=None)[0]["lambda"]
     assert Path(candidates[0.0]["model"]).parent.name == "naive"
-    chosen_dir = (run_dir / "arms" / "anchored" / "model").resolve()
-    assert chosen_dir == Path(candidates[selection["lambda"]]["model"]).resolve()
+    # The arm's model is a plain folder holding the chosen candidate's files.
+    arm_model = run_dir / "arms" / "anchored" / "model"
+    assert arm_model.is_dir() and not arm_model.is_symlink()
+    chosen_weights = Path(candidates[selection["lambda"]]["model"]) / "model.safetensors"
+    assert filecmp.cmp(arm_model / "model.safetensors", chosen_weights, shallow=False)
+    assert (run_dir / "arms" / "anchored" / "training_log.json").is_file()
     report_md = (run_dir / "report" / "report.md").read_text()
     assert "## Choice of lambda" in report_md
     assert selection["reason"] in report_md

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,18 @@ def test_override_values_are_parsed_as_yaml_and_create_missing_mappings():
 def test_bad_override_names_the_problem(item, message):
     with pytest.raises(SystemExit, match=message):
         apply_overrides({"name": "x", "student": {}}, [item])
+
+
+def test_loading_a_config_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.delenv("W2S_DATA_DIR", raising=False)
+    monkeypatch.delenv("W2S_MODEL_DIR", raising=False)
+    data = load_config_file(ROOT / "configs" / "quick" / "us_history_textbook__us_history_fiction.yaml")
+    assert data["source"]["train"].startswith("../shared/data/")
+    # The worker settings read these variables as allowed folders, so loading must not set them.
+    assert "W2S_DATA_DIR" not in os.environ
+    assert "W2S_MODEL_DIR" not in os.environ
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(SystemExit, match="config file nosuch.yaml not found"):
+        load_config_file("nosuch.yaml")

@@ -82,3 +82,25 @@ def test_auto_lambda_config_errors_name_the_field(genies, minilm_dir):
         _pipeline(genies, minilm_dir, arms=[{"name": "a", "anchor": {"lambda": -1}}])
     with pytest.raises(ValidationError, match="needs a pipeline"):
         StudentTrainConfig.model_validate({"data": "x.jsonl", "student": {"model": "m", "anchor": {"lambda": "auto"}}})
+
+
+def test_chosen_model_placed_as_plain_folder(tmp_path):
+    from ml.select import _place_chosen_model
+
+    for lam in ("0", "1"):
+        candidate = tmp_path / f"anchored-lambda-{lam}"
+        (candidate / "model").mkdir(parents=True)
+        (candidate / "model" / "model.safetensors").write_text(f"weights {lam}")
+        (candidate / "training_log.json").write_text(f"[{lam}]")
+    arm = tmp_path / "anchored"
+    arm.mkdir()
+
+    placed = _place_chosen_model(arm, tmp_path / "anchored-lambda-0" / "model")
+    # A re-run that chooses another lambda replaces the folder.
+    placed = _place_chosen_model(arm, tmp_path / "anchored-lambda-1" / "model")
+
+    assert placed == arm / "model"
+    assert placed.is_dir() and not placed.is_symlink()
+    assert (placed / "model.safetensors").read_text() == "weights 1"
+    assert (arm / "training_log.json").read_text() == "[1]"
+    assert sorted(p.name for p in arm.iterdir()) == ["model", "training_log.json"]

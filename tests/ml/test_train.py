@@ -156,3 +156,13 @@ def test_weak_labels_missing_in_data_rejected(minilm_dir, genies, tmp_path):
 
 def test_device_default_is_cpu_here():
     assert default_device().type in ("cpu", "cuda")
+
+
+def test_rerun_with_changed_settings_rejected(minilm_dir, pairs, tmp_path):
+    cfg = _config(minilm_dir, max_steps=1)
+    first = train_reward_model(cfg, pairs, "gold", RunContext(tmp_path), "naive", anchor_mode="off", progress_bars=False)
+    again = train_reward_model(cfg, pairs, "gold", RunContext(tmp_path), "naive", anchor_mode="off", progress_bars=False)
+    assert again["model_dir"] == first["model_dir"]
+
+    with pytest.raises(ValueError, match=r"trained with other settings \(seed: 3 -> 4\); write to another output folder"):
+        train_reward_model(_config(minilm_dir, max_steps=1, seed=4), pairs, "gold", RunContext(tmp_path), "naive", anchor_mode="off", progress_bars=False)
