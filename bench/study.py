@@ -3,7 +3,7 @@
 Every run is a pipeline job of the product, started with the CLI (`w2s pipeline --config ... --set
 student.seed=K`), so an interrupted study continues where it stopped: finished stages are skipped
 and training resumes from its last checkpoint. Each finished run appends one record to a results
-file (JSON Lines, per-pair correctness included); the Transfer section of bench/RESULTS.md and its
+file (JSON Lines, per-pair correctness included). The Transfer section of bench/RESULTS.md and its
 plots are generated from that file alone.
 
     python bench/study.py configs                      # write configs/study/<plan>/<student>/<shift>.yaml
@@ -43,9 +43,9 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- transfer-study:begin -->", "<!-- transfer-study:end -->"
 
 STUDENTS = {"mpnet": "all-mpnet-base-v2", "smollm2": "SmolLM2-135M-Instruct", "minilm": "all-MiniLM-L6-v2"}
-# The decoder runs on the shift with the most room between the weak model and the ceiling, and on
-# the one where every model, the ceiling too, was below chance out of distribution in a plain
-# single-seed implementation of the protocol.
+# The decoder runs on the shift with the most room between the weak model and the ceiling. It also
+# runs on the shift where every model, the ceiling too, was below chance out of distribution in a
+# plain single-seed implementation of the protocol.
 DECODER_SHIFTS = ("us_history_textbook", "alpaca_low_quality")
 LAMBDA_GRID = [0.0, 0.01, 0.1, 1.0]
 L2SP_LAMBDA = 0.1
@@ -94,7 +94,7 @@ def _prompts(pairs: int | None, name: str) -> int | None:
 
 
 def shift_config(plan: str, student: str, shift: dict[str, str]) -> dict[str, Any]:
-    """The pipeline config of one shift under one plan, with ${W2S_DATA_DIR}/${W2S_MODEL_DIR} paths."""
+    """Build the pipeline config of one shift under one plan, with ${W2S_DATA_DIR}/${W2S_MODEL_DIR} paths."""
     p = PLANS[plan]
     source, target = shift["source"], shift["target"]
     data = "${W2S_DATA_DIR}/genies"
@@ -185,6 +185,7 @@ def collect(run_dir: Path, plan: str, student: str, shift: dict[str, str], seed:
     sets = {s["name"]: {"role": s["role"], "pairs": s["n_pairs"], "max_length": s["max_length"], "truncated": s["n_truncated"]} for s in report["eval_sets"]}
     for name in sets:
         sets[name]["prompt_ids"] = [str(x) for x in scores[f"{name}/prompt_ids"]]
+
     models = {}
     for model, by_set in report["rows"].items():
         models[model] = {}
@@ -197,6 +198,7 @@ def collect(run_dir: Path, plan: str, student: str, shift: dict[str, str], seed:
                 "drift_cka": row.get("drift_cka"),
                 "correct": _bits(correct),
             }
+
     reference = {
         row: {name: (entry or {}).get("accuracy") for name, entry in by_set.items()} for row, by_set in report["reference_rows"].items()
     }
@@ -205,6 +207,7 @@ def collect(run_dir: Path, plan: str, student: str, shift: dict[str, str], seed:
         for name, t in report["settings"]["training"].items()
     }
     selection = report["settings"].get("lambda_selection", {}).get("anchored", {})
+
     return {
         "plan": plan,
         "student": student,
@@ -327,6 +330,7 @@ def summarize_shift(records: list[dict]) -> dict[str, Any]:
     prompt_ids = {n: first["sets"][n]["prompt_ids"] for n in set_names}
     models = [m for m in first["models"] if all(m in r["models"] for r in records)]
     out: dict[str, Any] = {"seeds": [r["seed"] for r in records], "id_set": id_set, "ood_sets": ood_sets, "arms": {}, "diffs": {}}
+
     for model in models:
         arm: dict[str, Any] = {}
         for n in set_names:
@@ -345,8 +349,10 @@ def summarize_shift(records: list[dict]) -> dict[str, Any]:
             out["diffs"][model].update(
                 {f"{n}/seed_values": [float(x) for x in (_correct(records, model, n) - _correct(records, "naive", n)).mean(axis=1)] for n in set_names}
             )
+
     for row, by_set in first["reference"].items():
         out["arms"][row] = {n: (by_set.get(n), None, None) for n in set_names}
+
     # Ceiling lead over weak out of distribution decides whether PGR means anything.
     target = ood_sets[0]
     if "ceiling" in models and "weak" in models:

@@ -33,7 +33,7 @@ Name = Annotated[str, AfterValidator(_check_name)]
 
 
 def _name_field(default: str | None = None, *, description: str) -> Any:
-    """A name field: 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit."""
+    """Build a name field: 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit."""
     text = f"{description} Letters, digits, '.', '_' and '-', 1 to 100 characters."
     if default is None:
         return Field(description=text)
@@ -349,7 +349,7 @@ class PipelineConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def arm_student(self, arm: ArmSpec) -> TrainConfig:
-        """The student settings of one arm: the shared ones with the arm's overrides applied."""
+        """Return the student settings of one arm: the shared ones with the arm's overrides applied."""
         student = self.student.model_copy(deep=True)
         if arm.anchor is not None:
             student.anchor = arm.anchor.model_copy(deep=True)

@@ -623,7 +623,7 @@ def _eval_set_table(report: Report) -> list[str]:
 
 
 def _selection_lines(selections: Mapping[str, Any]) -> list[str]:
-    """One paragraph and one table per arm whose lambda was chosen by the 'auto' rule."""
+    """Render one paragraph and one table per arm whose lambda was chosen by the 'auto' rule."""
     lines = []
     for arm, sel in selections.items():
         val = sel.get("validation", {})

@@ -7,8 +7,8 @@ weak labels. Each is then scored on a gold-labelled validation split held out of
 Rule: let `best` be the highest validation accuracy among the candidates and `tol` the tolerance
 (one bootstrap standard error of `best`, over prompts, unless the config gives one). The chosen λ is
 the largest candidate with accuracy ≥ best − tol. A larger λ keeps the representations nearer the
-pretrained ones, which is what the method expects to transfer; the rule takes as much of it as the
-source data says costs nothing measurable in distribution.
+pretrained ones, which is what the method expects to transfer. The rule takes as much of it as the
+source data shows to cost nothing measurable in distribution.
 
 The stage writes `selection.json` (every candidate's accuracy, interval and drift, the chosen λ and
 the reason) and a `model` folder with the chosen candidate's files, so later stages read the arm's

@@ -23,7 +23,8 @@ def test_hierarchical_bootstrap_covers_seed_spread():
     prompt_ids = [str(i // 3) for i in range(300)]
     steady = (rng.random((5, 300)) < 0.7).astype(float)
     mean, low, high = study.hierarchical_bootstrap(steady, prompt_ids, n=500)
-    assert low < mean < high and abs(mean - steady.mean()) < 1e-12
+    assert low < mean < high
+    assert abs(mean - steady.mean()) < 1e-12
     # Seeds that disagree a lot widen the interval beyond what the prompts alone give.
     shifted = steady.copy()
     shifted[0] = 1.0
@@ -46,7 +47,8 @@ def test_smoke_study_records_runs_and_generates_the_section(tmp_path):
     assert records[0]["models"]["weak"]["us_history_fiction"]["correct"] == records[1]["models"]["weak"]["us_history_fiction"]["correct"]
     assert set(records[0]["sets"]) == {"us_history_textbook", "us_history_fiction", "hh_harmless"}
     assert {"naive", "anchored", "anchored[lambda=1]", "ceiling"} <= set(records[0]["models"])
-    assert records[0]["selection"]["lambda"] in (0.0, 1.0) and records[0]["selection"]["reason"]
+    assert records[0]["selection"]["lambda"] in (0.0, 1.0)
+    assert records[0]["selection"]["reason"]
 
     # The 'auto' arm of seed 0: gold validation pairs held out of B, and the rule applied to them.
     run_dir = tmp_path / "runs" / "smoke" / "minilm" / "us_history_textbook" / "seed0"
@@ -61,7 +63,8 @@ def test_smoke_study_records_runs_and_generates_the_section(tmp_path):
     assert Path(candidates[0.0]["model"]).parent.name == "naive"
     # The arm's model is a plain folder holding the chosen candidate's files.
     arm_model = run_dir / "arms" / "anchored" / "model"
-    assert arm_model.is_dir() and not arm_model.is_symlink()
+    assert arm_model.is_dir()
+    assert not arm_model.is_symlink()
     chosen_weights = Path(candidates[selection["lambda"]]["model"]) / "model.safetensors"
     assert filecmp.cmp(arm_model / "model.safetensors", chosen_weights, shallow=False)
     assert (run_dir / "arms" / "anchored" / "training_log.json").is_file()
@@ -80,7 +83,9 @@ def test_smoke_study_records_runs_and_generates_the_section(tmp_path):
         cwd=ROOT, check=True, capture_output=True, timeout=300,
     )
     text = markdown.read_text()
-    assert text.startswith("# Results\n\nkept text") and study.BEGIN in text and study.END in text
+    assert text.startswith("# Results\n\nkept text")
+    assert study.BEGIN in text
+    assert study.END in text
     assert (tmp_path / "plots" / "transfer_id_vs_ood.png").stat().st_size > 0
     # The naive row's ID accuracy is the mean of the two records' accuracies.
     naive_id = np.mean([r["models"]["naive"]["us_history_textbook"]["accuracy"] for r in records])

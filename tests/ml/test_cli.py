@@ -17,12 +17,13 @@ def test_shipped_study_config_loads_with_seed_override():
     data = load_config_file(ROOT / "configs" / "study" / "cpu" / "mpnet" / "us_history_textbook__us_history_fiction.yaml")
     data = apply_overrides(data, ["student.seed=3", "eval.bootstrap_samples=200"])
     cfg = PipelineConfig.model_validate(data)
-    assert cfg.student.seed == 3 and cfg.eval.bootstrap_samples == 200
+    assert cfg.student.seed == 3
+    assert cfg.eval.bootstrap_samples == 200
     assert cfg.arm_student(cfg.arms[1]).anchor.is_auto
     assert cfg.source_validation_fraction == 0.2
 
 
-def test_override_values_are_parsed_as_yaml_and_create_missing_mappings():
+def test_overrides_parse_yaml_values():
     data = apply_overrides({"student": {"model": "m"}}, ["student.anchor.lambda=auto", "student.anchor.lambda_grid=[0, 0.5]", "name=x"])
     assert data == {"student": {"model": "m", "anchor": {"lambda": "auto", "lambda_grid": [0, 0.5]}}, "name": "x"}
 
